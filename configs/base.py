@@ -1,0 +1,172 @@
+"""Every default of hyperconn_jax lives here.
+
+Other config files import `get_config()` from this module and override a few fields; library
+code reads `config.x` and never supplies a default of its own. Sequences are tuples (ml_collections
+cannot override lists from the command line).
+
+Not meant to be run directly; see configs/default.py and configs/lm.py.
+"""
+
+import ml_collections
+
+
+def connection_config() -> ml_collections.ConfigDict:
+  """Options of the residual / hyper-connection wrapping every sub-layer (config.model.connection)."""
+  return ml_collections.ConfigDict(dict(
+      # 'residual_prenorm' | 'residual_postnorm' | 'hc' | 'mhc' | 'frac'.
+      kind='hc',
+      # HC / mHC expansion rate n (number of residual streams), any n >= 1.
+      n=4,
+      # Frac-Connections frac-rate m (the hidden size is split into m fractions); m must divide d_model.
+      m=4,
+      # hc / frac: static (SHC / SFC) if False, static + dynamic (DHC / DFC) if True.
+      dynamic=True,
+      # hc / frac dynamic branch: tanh on the projection (paper default True; Table 1 'W/O tanh').
+      tanh=True,
+      # hc / frac dynamic branch: norm of each stream / fraction before the projection:
+      # 'layernorm' (no affine, as OLMo) | 'rmsnorm' | 'none'.
+      dynamic_norm='layernorm',
+      # Give that norm a learnable scale (|theta_norm| = d, as OLMoE) if True.
+      dynamic_norm_affine=False,
+      # hc / frac dynamic branch: learnable scalar scales s_alpha, s_beta (FC 'W/O rescale' if False).
+      scale=True,
+      alpha_scale_init=0.01,
+      beta_scale_init=0.01,
+      # Table 3 ablations: train the width-connections (A_m, A_r: static and dynamic parts) / B.
+      train_width=True,
+      train_beta=True,
+      # Home stream of sub-layer k is (k + index_base) mod n, where k counts sub-layers from 0:
+      # attention of block l is k = 2l, its FFN is k = 2l + 1 (attention and FFN count separately).
+      index_base=0,
+      # HC section 4 rescales the init std of the output projections by sqrt(n); the paper does not
+      # say in which direction: 'none' | 'divide' | 'multiply'.
+      out_proj_sqrt_n='none',
+      # mHC: Sinkhorn-Knopp iterations (paper t_max = 20) and epsilon.
+      sinkhorn_iters=20,
+      sinkhorn_eps=1e-6,
+      # mHC: H_post = post_mult * sigmoid(.) (paper 2).
+      post_mult=2.0,
+      # mHC: scalar gates alpha^pre, alpha^post, alpha^res init (paper 0.01).
+      gate_init=0.01,
+      # mHC: static H_res logits at init: 'identity' (diagonal 0, off-diagonal res_offdiag_logit,
+      # so the model starts near Pre-Norm) | 'uniform' (all 0: Sinkhorn gives the 1/n matrix).
+      res_init='identity',
+      res_offdiag_logit=-4.0,
+      # mHC: which mappings are learned; a missing one is fixed (H_pre = 1/n, H_post = 1, H_res = I),
+      # as in the mHC paper's Table 1 ablation. Any subset of ('pre', 'post', 'res').
+      mappings=('pre', 'post', 'res'),
+      # mHC final reduction: 'sum' | 'head' (learned sigmoid-weighted sum, as DeepSeek's TileKernels).
+      reduce='sum',
+  ))
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """Decoder-only LM in the OLMo style (config.model)."""
+  return ml_collections.ConfigDict(dict(
+      name='decoder_lm',
+      vocab_size=256,
+      d_model=256,
+      num_layers=4,
+      num_heads=4,
+      head_dim=64,
+      mlp_dim=1024,
+      # 'layernorm' (no affine, as OLMo) | 'rmsnorm' (learnable scale).
+      norm='layernorm',
+      norm_eps=1e-5,
+      qk_norm=False,
+      tie_embeddings=True,
+      rope_theta=10000.0,
+      init_std=0.02,
+      # Compute dtype ('float32' | 'bfloat16'); parameters are always kept in param_dtype.
+      dtype='float32',
+      param_dtype='float32',
+      # Stack blocks with nnx.vmap + nnx.scan (False: a Python loop, for debugging).
+      scan_layers=True,
+      # Rematerialisation of each block: 'none' | 'full' | 'dots' | 'dots_no_batch' | 'save_streams'.
+      remat_policy='none',
+      connection=connection_config(),
+  ))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the full default config (unlocked; callers lock it)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config()
+
+  c.data = ml_collections.ConfigDict(dict(
+      # 'stdlib' (embedded corpus: the running interpreter's standard library sources) |
+      # 'text_files' (data.text_glob) | any prepared TFDS dataset name ('lm1b', 'c4', ...).
+      dataset='stdlib',
+      # Where TFDS datasets are prepared / found ('' -> ~/tensorflow_datasets).
+      data_dir='',
+      # For 'text_files': a glob of paths to text files.
+      text_glob='',
+      # Feature holding the text in the TFDS examples.
+      text_key='text',
+      train_split='train',
+      eval_split='validation',
+      # 'bytes' | 'sentencepiece' (data.spm_path).
+      tokenizer='bytes',
+      spm_path='',
+      seq_len=256,
+      shuffle_seed=0,
+      # Grain worker processes (0: read in the main process).
+      worker_count=0,
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-4,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      # Weight decay on embeddings (norm scales, biases and static HC parameters are never decayed;
+      # dynamic HC weights are).
+      decay_embeddings=False,
+      # 'cosine' (linear warmup, cosine to lr * final_lr_frac) | 'constant' (after warmup) |
+      # 'step' (mHC paper: multiply by step_factors at step_fracs of the run).
+      schedule='cosine',
+      warmup_steps=100,
+      final_lr_frac=0.1,
+      step_fracs=(0.8, 0.9),
+      step_factors=(0.316, 0.1),
+      grad_clip=1.0,
+      grad_accum_steps=1,
+      z_loss=0.0,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=32,
+      num_steps=1000,
+      log_every=10,
+      eval_every=200,
+      eval_batches=20,
+      checkpoint_every=200,
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      keep_latest=2,
+      keep_best=1,
+      async_save=True,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      # Sizes of the mesh axes; one may be -1 (filled with the remaining devices).
+      shape=(1, -1, 1),
+      axes=('data', 'fsdp', 'tensor'),
+      # Logical axis name -> mesh axes (None: replicated).
+      rules=(
+          ('batch', ('data', 'fsdp')),
+          ('length', None),
+          ('embed', 'fsdp'),
+          ('mlp', 'tensor'),
+          ('heads', 'tensor'),
+          ('kv', None),
+          ('vocab', 'tensor'),
+          ('layers', None),
+          ('streams', None),
+          ('hc', None),
+      ),
+  ))
+  return c

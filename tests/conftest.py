@@ -1,0 +1,12 @@
+"""Test setup: 8 simulated CPU devices, set before anything imports jax's backend."""
+
+import os
+import sys
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ['JAX_NUM_CPU_DEVICES'] = '8'
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+jax.config.update('jax_num_cpu_devices', 8)
