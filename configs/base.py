@@ -110,7 +110,12 @@ def get_config() -> ml_collections.ConfigDict:
       tokenizer='bytes',
       spm_path='',
       seq_len=256,
+      # 'stdlib' / 'text_files': fraction of the files (by a stable hash of the path) in validation.
+      eval_fraction=0.03,
       shuffle_seed=0,
+      # Train only: packed sequences are also shuffled within windows of this many sequences, so a
+      # batch mixes several documents (long files give many consecutive sequences); <= 1: off.
+      shuffle_window=1024,
       # Grain worker processes (0: read in the main process).
       worker_count=0,
   ))
