@@ -11,12 +11,13 @@ where `branch` maps y_BxLxD -> y_BxLxD. The branch owns its pre-norm (HC paper: 
 `config` below is `config.model.connection` (see configs/base.py for every field).
 """
 
+import math
 from typing import Callable
 
 import jax
 from flax import nnx
 
-from hyperconn_jax.connections import residual
+from hyperconn_jax.connections import checks, residual
 
 KINDS = ('residual_prenorm', 'residual_postnorm', 'hc', 'mhc', 'frac')
 
@@ -40,7 +41,21 @@ def _module(kind: str):
 
 def validate(config, d_model: int) -> None:
   """Raises ValueError naming the field, the value and what is allowed, for any bad option."""
-  _module(config.kind).validate(config, d_model)
+  module = _module(config.kind)
+  checks.common(config)
+  module.validate(config, d_model)
+
+
+def out_proj_init_multiplier(config) -> float:
+  """Factor on the init std of the sub-layers' output projections (HC section 4).
+
+  config.out_proj_sqrt_n: 'none' -> 1, 'divide' -> 1/sqrt(N), 'multiply' -> sqrt(N), where N is the
+  number of streams n for 'hc' and 'mhc' and 1 for every other kind.
+  """
+  checks.common(config)
+  num_streams = config.n if config.kind in ('hc', 'mhc') else 1
+  return {'none': 1.0, 'divide': 1.0 / math.sqrt(num_streams),
+          'multiply': math.sqrt(num_streams)}[config.out_proj_sqrt_n]
 
 
 def build_streams(config, *, dim: int, norm_eps: float, rngs: nnx.Rngs) -> nnx.Module:

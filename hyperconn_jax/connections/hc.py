@@ -1,0 +1,135 @@
+"""Hyper-Connections (HC, arXiv 2409.19606): static (SHC) and dynamic (DHC), HC Algorithm 2.
+
+Per token, with streams H = (h_1 .. h_n) and HC matrix [[0, B], [A_m, A_r]]:
+  Hbar = norm(H) per stream;  alpha = s_a * tanh(Hbar W_alpha) + [A_m | A_r];
+  beta = s_b * tanh(Hbar W_beta) + B       (row i of alpha, entry i of beta: from h_i only)
+  h_0 = sum_i alpha[i, 0] h_i;  h'_j = sum_i alpha[i, 1 + j] h_i;  out_j = beta_j T(h_0) + h'_j.
+Static HC keeps only the static terms. `HyperConnectionBase` holds these coefficients; Frac-Connections
+reuse it with fractions of the hidden state in place of streams.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hyperconn_jax import norms, params
+from hyperconn_jax.connections import checks, mixing
+
+
+def validate(config, d_model: int) -> None:
+  del d_model  # Any width works.
+  checks.integer(config, 'n', 1)
+  checks.integer(config, 'index_base', 0)
+  checks.static_dynamic(config)
+
+
+def _coefficient(kind: type, trainable: bool, value: jax.Array, axes: tuple) -> nnx.Variable:
+  """A coefficient of type `kind`, or HCFrozen (no gradient, no update) if not `trainable`."""
+  return (kind if trainable else params.HCFrozen)(value, out_sharding=axes)
+
+
+class HyperConnectionBase(nnx.Module):
+  """Static + dynamic coefficients alpha [.., N, M] and beta [.., N] of an (n+1)-row HC matrix.
+
+  Parameters (the width connection alpha and its scale are frozen when config.train_width is False,
+  beta and its scale when config.train_beta is False):
+    static_alpha (N, M), static_beta (N,)                        HCStatic
+    dynamic_alpha (W, M), dynamic_beta (W,), zero-initialised     HCDynamic   (dynamic only)
+    alpha_scale (), beta_scale ()                                HCStatic    (dynamic and scale)
+    norm_scale (W,)                                              NormScale   (dynamic and affine)
+  where W is the width of one stream.
+  """
+
+  def _init_coefficients(self, config, *, static_alpha_NxM: jax.Array, width: int, width_axis,
+                         norm_eps: float):
+    num_streams = static_alpha_NxM.shape[0]
+    train_alpha, train_beta = config.train_width, config.train_beta
+    self.static_alpha = _coefficient(params.HCStatic, train_alpha,
+                                     static_alpha_NxM.astype(jnp.float32), ('streams', 'hc'))
+    self.static_beta = _coefficient(params.HCStatic, train_beta,
+                                    jnp.ones((num_streams,), jnp.float32), ('streams',))
+    self.dynamic = config.dynamic
+    if not self.dynamic:
+      return
+    self.tanh = config.tanh
+    self.norm_kind, self.norm_eps = config.dynamic_norm, norm_eps
+    self.norm_scale = (params.NormScale(jnp.ones((width,), jnp.float32), out_sharding=(width_axis,))
+                       if config.dynamic_norm_affine else None)
+    self.dynamic_alpha = _coefficient(
+        params.HCDynamic, train_alpha,
+        jnp.zeros((width, static_alpha_NxM.shape[1]), jnp.float32), (width_axis, 'hc'))
+    self.dynamic_beta = _coefficient(params.HCDynamic, train_beta,
+                                     jnp.zeros((width,), jnp.float32), (width_axis,))
+    if config.scale:
+      self.alpha_scale = _coefficient(params.HCStatic, train_alpha,
+                                      jnp.asarray(config.alpha_scale_init, jnp.float32), ())
+      self.beta_scale = _coefficient(params.HCStatic, train_beta,
+                                     jnp.asarray(config.beta_scale_init, jnp.float32), ())
+    else:
+      self.alpha_scale = self.beta_scale = None
+
+  def coefficients(self, x_BxLxNxW: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns float32 (alpha, beta): [B, L, N, M] and [B, L, N] if dynamic, else [N, M] and [N]."""
+    alpha_NxM = self.static_alpha[...].astype(jnp.float32)
+    beta_N = self.static_beta[...].astype(jnp.float32)
+    if not self.dynamic:
+      return alpha_NxM, beta_N
+    xn_BxLxNxW = norms.normalize(x_BxLxNxW, self.norm_kind, self.norm_eps)
+    if self.norm_scale is not None:
+      xn_BxLxNxW = xn_BxLxNxW * self.norm_scale[...].astype(jnp.float32)
+    # One projection for W_alpha and W_beta together.
+    w_WxK = jnp.concatenate([self.dynamic_alpha[...], self.dynamic_beta[...][:, None]], axis=1)
+    proj_BxLxNxK = jnp.einsum('...nw,wk->...nk', xn_BxLxNxW, w_WxK.astype(jnp.float32),
+                              precision=jax.lax.Precision.HIGHEST)
+    if self.tanh:
+      proj_BxLxNxK = jnp.tanh(proj_BxLxNxK)
+    dyn_alpha_BxLxNxM, dyn_beta_BxLxN = proj_BxLxNxK[..., :-1], proj_BxLxNxK[..., -1]
+    if self.alpha_scale is not None:
+      dyn_alpha_BxLxNxM = self.alpha_scale[...].astype(jnp.float32) * dyn_alpha_BxLxNxM
+      dyn_beta_BxLxN = self.beta_scale[...].astype(jnp.float32) * dyn_beta_BxLxN
+    return dyn_alpha_BxLxNxM + alpha_NxM, dyn_beta_BxLxN + beta_N
+
+
+class Streams(nnx.Module):
+  """n residual streams: expand broadcasts h to every stream, reduce sums them (HC Algorithm 1)."""
+
+  def __init__(self, config, *, dim: int, norm_eps: float, rngs: nnx.Rngs):
+    del dim, norm_eps, rngs
+    self.num_streams = config.n
+
+  def expand(self, h_BxLxD: jax.Array) -> jax.Array:
+    """[B, L, D] -> [B, L, n, D], a broadcast (no copy)."""
+    return jnp.broadcast_to(h_BxLxD[..., None, :],
+                            (*h_BxLxD.shape[:-1], self.num_streams, h_BxLxD.shape[-1]))
+
+  def reduce(self, x_BxLxNxD: jax.Array) -> jax.Array:
+    """[B, L, n, D] -> [B, L, D]: the sum of the streams (accumulated in float32)."""
+    return jnp.sum(x_BxLxNxD, axis=-2, dtype=jnp.float32).astype(x_BxLxNxD.dtype)
+
+
+class Connection(HyperConnectionBase):
+  """One HC module around one sub-layer: (x_BxLxNxD, branch) -> x_BxLxNxD.
+
+  Init (HC Eq. 14): B = 1, A_r = I, A_m = one-hot at (sublayer_index + index_base) mod n, dynamic
+  weights 0; with identical streams this is Pre-Norm x + T(x) on every stream.
+  """
+
+  branch_prenorm = True
+
+  def __init__(self, config, *, dim: int, sublayer_index, norm_kind: str, norm_eps: float,
+               rngs: nnx.Rngs):
+    del norm_kind, rngs
+    n = config.n
+    # jax ops, since sublayer_index may be traced (blocks are created under nnx.vmap).
+    home_N = jax.nn.one_hot((jnp.asarray(sublayer_index) + config.index_base) % n, n,
+                            dtype=jnp.float32)
+    static_alpha_NxM = jnp.concatenate([home_N[:, None], jnp.eye(n, dtype=jnp.float32)], axis=1)
+    self._init_coefficients(config, static_alpha_NxM=static_alpha_NxM, width=dim,
+                            width_axis='embed', norm_eps=norm_eps)
+
+  def __call__(self, x_BxLxNxD: jax.Array, branch) -> jax.Array:
+    alpha, beta = self.coefficients(x_BxLxNxD)
+    # Row 0: the branch input h_0; rows 1..n: the mixed residual H' (one contraction).
+    mix_BxLxMxD = mixing.mix_streams(alpha, x_BxLxNxD)
+    y_BxLxD = branch(mix_BxLxMxD[..., 0, :])
+    return mixing.add_branch(beta, y_BxLxD[..., None, :], mix_BxLxMxD[..., 1:, :])

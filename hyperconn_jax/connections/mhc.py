@@ -1,0 +1,181 @@
+"""mHC: Manifold-Constrained Hyper-Connections (arXiv 2512.24880), fused form (mHC Eqs. 14-19).
+
+Per token, with streams x (n x D) flattened to x_vec (nD):
+  x~ = x_vec * rsqrt(mean(x_vec^2) + eps)                       (unweighted RMSNorm over nD)
+  [l_pre | l_post | l_res] = [a_pre, a_post, a_res] * (x~ phi) + b   (phi: nD x (n^2 + 2n))
+  H_pre = sigmoid(l_pre), H_post = post_mult * sigmoid(l_post), H_res = Sinkhorn(exp(mat(l_res)))
+  out_j = sum_i H_res[j, i] x_i + H_post[j] * F(sum_i H_pre[i] x_i)
+mat() is row-major: l_res[j * n + i] is the logit of H_res[j, i]. A mapping missing from
+config.mappings is fixed and has no parameters (H_pre = 1/n, H_post = 1, H_res = I; mHC Table 1).
+The final reduction is a sum or DeepSeek TileKernels' learned head (mhc_head).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hyperconn_jax import params
+from hyperconn_jax.connections import checks, mixing
+from hyperconn_jax.connections.sinkhorn import sinkhorn
+
+MAPPINGS = ('pre', 'post', 'res')
+RES_INITS = ('identity', 'uniform')
+REDUCES = ('sum', 'head')
+
+
+def validate(config, d_model: int) -> None:
+  del d_model  # Any width works.
+  checks.integer(config, 'n', 1)
+  checks.integer(config, 'sinkhorn_iters', 1)
+  checks.greater(config, 'sinkhorn_eps', 0)
+  checks.greater(config, 'post_mult', 1)
+  checks.one_of(config, 'res_init', RES_INITS)
+  checks.one_of(config, 'reduce', REDUCES)
+  mappings = config.mappings
+  if isinstance(mappings, str) or not set(mappings) <= set(MAPPINGS):
+    checks.fail('mappings', mappings, f'a tuple holding any subset of {MAPPINGS}')
+  if config.n == 1 and ('pre' in mappings or config.reduce == 'head'):
+    checks.fail('n', config.n, ">= 2 for kind 'mhc' with a learned H_pre or reduce='head' "
+                "(their init logit(1/n) is infinite at n = 1)")
+  for field in ('train_width', 'train_beta'):
+    if not getattr(config, field):
+      checks.fail(field, getattr(config, field),
+                  "True for kind 'mhc' (it has no effect there; use model.connection.mappings)")
+
+
+def _logit(p: float) -> float:
+  return math.log(p / (1.0 - p))
+
+
+def _scalar(value: float) -> params.HCStatic:
+  return params.HCStatic(jnp.asarray(value, jnp.float32), out_sharding=())
+
+
+def _normed_projection(x_BxLxNxD: jax.Array, phi_NxDxK: jax.Array, eps: float) -> jax.Array:
+  """(x~ phi) in float32, [B, L, K]: the projection first, then the RMS of the flattened x."""
+  x_BxLxNxD = x_BxLxNxD.astype(jnp.float32)
+  inv_rms_BxL = jax.lax.rsqrt(jnp.mean(jnp.square(x_BxLxNxD), axis=(-2, -1)) + eps)
+  proj_BxLxK = jnp.einsum('...nd,ndk->...k', x_BxLxNxD, phi_NxDxK.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
+  return proj_BxLxK * inv_rms_BxL[..., None]
+
+
+def _bias_init(config, mapping: str) -> jax.Array:
+  """The float32 static logits of one mapping at init (see Connection)."""
+  n = config.n
+  if mapping == 'pre':
+    return jnp.full((n,), _logit(1.0 / n), jnp.float32)
+  if mapping == 'post':
+    return jnp.full((n,), _logit(1.0 / config.post_mult), jnp.float32)
+  if config.res_init == 'uniform':
+    return jnp.zeros((n * n,), jnp.float32)
+  eye_NxN = jnp.eye(n, dtype=bool)
+  return jnp.where(eye_NxN, 0.0, config.res_offdiag_logit).astype(jnp.float32).reshape(n * n)
+
+
+class Streams(nnx.Module):
+  """n residual streams: expand broadcasts h; reduce sums, or with reduce='head' takes
+  sum_i w_i x_i with w = sigmoid(gate_head * (x~ phi_head) + bias_head) (TileKernels mhc_head).
+
+  Head parameters: phi_head (n, D, n) HCDynamic zero-init, bias_head (n,) HCStatic = logit(1/n)
+  (so the head starts as the mean of the streams), gate_head () HCStatic = gate_init.
+  """
+
+  def __init__(self, config, *, dim: int, norm_eps: float, rngs: nnx.Rngs):
+    del rngs
+    n = self.num_streams = config.n
+    self.eps = norm_eps
+    self.head = config.reduce == 'head'
+    if self.head:
+      self.phi_head = params.HCDynamic(jnp.zeros((n, dim, n), jnp.float32),
+                                       out_sharding=('streams', 'embed', 'hc'))
+      self.bias_head = params.HCStatic(jnp.full((n,), _logit(1.0 / n), jnp.float32),
+                                       out_sharding=('streams',))
+      self.gate_head = _scalar(config.gate_init)
+
+  def expand(self, h_BxLxD: jax.Array) -> jax.Array:
+    """[B, L, D] -> [B, L, n, D], a broadcast (no copy)."""
+    return jnp.broadcast_to(h_BxLxD[..., None, :],
+                            (*h_BxLxD.shape[:-1], self.num_streams, h_BxLxD.shape[-1]))
+
+  def head_weights(self, x_BxLxNxD: jax.Array) -> jax.Array:
+    """The float32 head weights w [B, L, n] (reduce='head' only)."""
+    proj_BxLxN = _normed_projection(x_BxLxNxD, self.phi_head[...], self.eps)
+    return jax.nn.sigmoid(self.gate_head[...] * proj_BxLxN + self.bias_head[...])
+
+  def reduce(self, x_BxLxNxD: jax.Array) -> jax.Array:
+    """[B, L, n, D] -> [B, L, D] (accumulated in float32)."""
+    if not self.head:
+      return jnp.sum(x_BxLxNxD, axis=-2, dtype=jnp.float32).astype(x_BxLxNxD.dtype)
+    w_BxLxN = self.head_weights(x_BxLxNxD)
+    return jnp.einsum('...n,...nd->...d', w_BxLxN.astype(x_BxLxNxD.dtype), x_BxLxNxD,
+                      preferred_element_type=jnp.float32).astype(x_BxLxNxD.dtype)
+
+
+class Connection(nnx.Module):
+  """One mHC module around one sub-layer: (x_BxLxNxD, branch) -> x_BxLxNxD.
+
+  Parameters, for the learned mappings only (K = n for pre, n for post, n^2 for res, in that order):
+    phi (n, D, K) HCDynamic, zero-init;  bias (K,) HCStatic;  gate_pre/post/res () HCStatic.
+  Bias init: pre logit(1/n) (H_pre = 1/n), post logit(1/post_mult) (H_post = 1), res per
+  config.res_init: 'identity' 0 on the diagonal and res_offdiag_logit off it, 'uniform' all 0.
+  """
+
+  branch_prenorm = True
+
+  def __init__(self, config, *, dim: int, sublayer_index, norm_kind: str, norm_eps: float,
+               rngs: nnx.Rngs):
+    del sublayer_index, norm_kind, rngs  # Same init for every sub-layer.
+    n = self.num_streams = config.n
+    self.eps = norm_eps
+    self.sinkhorn_iters, self.sinkhorn_eps = config.sinkhorn_iters, config.sinkhorn_eps
+    self.post_mult = config.post_mult
+    self.mappings = tuple(name for name in MAPPINGS if name in config.mappings)
+    if self.mappings:
+      bias_K = jnp.concatenate([_bias_init(config, name) for name in self.mappings])
+      self.phi = params.HCDynamic(jnp.zeros((n, dim, bias_K.shape[0]), jnp.float32),
+                                  out_sharding=('streams', 'embed', 'hc'))
+      self.bias = params.HCStatic(bias_K, out_sharding=('hc',))
+    for name in MAPPINGS:
+      setattr(self, f'gate_{name}', _scalar(config.gate_init) if name in self.mappings else None)
+
+  def coefficients(self, x_BxLxNxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns float32 (H_pre [.., n], H_post [.., n], H_res [.., n, n]).
+
+    The leading axes are x's [B, L] when any mapping is learned, else absent (all fixed).
+    """
+    n = self.num_streams
+    batch = x_BxLxNxD.shape[:-2] if self.mappings else ()
+    fixed = {'pre': jnp.full((n,), 1.0 / n, jnp.float32),
+             'post': jnp.ones((n,), jnp.float32),
+             'res': jnp.eye(n, dtype=jnp.float32)}
+    coef = {name: jnp.broadcast_to(value, batch + value.shape) for name, value in fixed.items()}
+    if self.mappings:
+      proj_BxLxK = _normed_projection(x_BxLxNxD, self.phi[...], self.eps)
+      sizes = {'pre': n, 'post': n, 'res': n * n}
+      gates_K = jnp.concatenate([jnp.broadcast_to(getattr(self, f'gate_{name}')[...], (sizes[name],))
+                                 for name in self.mappings])
+      logits_BxLxK = gates_K * proj_BxLxK + self.bias[...]
+      start = 0
+      for name in self.mappings:
+        logits = logits_BxLxK[..., start:start + sizes[name]]
+        start += sizes[name]
+        if name == 'pre':
+          coef['pre'] = jax.nn.sigmoid(logits)
+        elif name == 'post':
+          coef['post'] = self.post_mult * jax.nn.sigmoid(logits)
+        else:
+          coef['res'] = sinkhorn(logits.reshape(*batch, n, n), self.sinkhorn_iters,
+                                 self.sinkhorn_eps)
+    return coef['pre'], coef['post'], coef['res']
+
+  def __call__(self, x_BxLxNxD: jax.Array, branch) -> jax.Array:
+    h_pre, h_post, h_res = self.coefficients(x_BxLxNxD)
+    # coef[i, 0] = H_pre[i], coef[i, 1 + j] = H_res[j, i]: branch input and new residual streams
+    # in one contraction.
+    coef_NxM = jnp.concatenate([h_pre[..., None], jnp.swapaxes(h_res, -1, -2)], axis=-1)
+    mix_BxLxMxD = mixing.mix_streams(coef_NxM, x_BxLxNxD)
+    y_BxLxD = branch(mix_BxLxMxD[..., 0, :])
+    return mixing.add_branch(h_post, y_BxLxD[..., None, :], mix_BxLxMxD[..., 1:, :])
