@@ -1,0 +1,139 @@
+"""Run outputs on process 0: metrics.jsonl, TensorBoard events, a progress bar, the run's facts.
+
+TensorBoard files are written with tensorboardX (no TensorFlow needed) to WORKDIR/tensorboard.
+On processes other than 0 every writer is a no-op, so callers never branch on the process index.
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import tqdm
+
+METRICS_FILE = 'metrics.jsonl'
+CONFIG_FILE = 'config.json'
+TENSORBOARD_DIR = 'tensorboard'
+
+
+def _jsonable(value: Any) -> Any:
+  """Python scalars from numpy / jax scalars (JSON cannot hold numpy types)."""
+  return value.item() if hasattr(value, 'item') else value
+
+
+class MetricWriter:
+  """Writes scalar rows to WORKDIR/metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, *, enabled: bool, resume_step: int | None = None):
+    """Opens the writers.
+
+    Args:
+      workdir: the run's working directory.
+      enabled: True on process 0; other processes write nothing.
+      resume_step: when resuming from a checkpoint at this step, rows logged after it by the
+        interrupted run are dropped from metrics.jsonl (they are about to be recomputed), so each
+        step appears once.
+    """
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, METRICS_FILE)
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+      with open(path, 'w') as f:
+        f.writelines(rows)
+    self._jsonl = open(path, 'a')
+    import tensorboardX  # pylint: disable=g-import-not-at-top  (only process 0 needs it)
+    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
+                                          purge_step=None if resume_step is None
+                                          else resume_step + 1)
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    """Writes one row {'step': step, **scalars}; each scalar also becomes a TensorBoard tag."""
+    if not self.enabled:
+      return
+    row = {'step': int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(row) + '\n')
+    self._jsonl.flush()
+    for name, value in row.items():
+      if name != 'step':
+        self._tb.add_scalar(name, value, global_step=int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """A tqdm bar (step, loss, tokens/s, ETA) on process 0, plus throughput bookkeeping."""
+
+  def __init__(self, *, enabled: bool, start_step: int, num_steps: int):
+    self._bar = (tqdm.tqdm(total=num_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                           file=sys.stderr) if enabled else None)
+    self._last_time = time.perf_counter()
+    self._tokens = 0.0
+
+  def update(self, step: int, loss: float, tokens: float) -> None:
+    """Advances the bar to `step` and shows the loss of that step."""
+    self._tokens += tokens
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
+      self._bar.refresh()
+
+  def tokens_per_second(self) -> float:
+    """Tokens per second since the previous call (restarting the measurement)."""
+    now = time.perf_counter()
+    rate = self._tokens / max(now - self._last_time, 1e-9)
+    self._last_time, self._tokens = now, 0.0
+    return rate
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def library_versions() -> dict[str, str]:
+  """Versions of the stack (python, jax, jaxlib, flax, optax, orbax, grain, numpy)."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  versions = {'python': platform.python_version()}
+  for dist in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy',
+               'ml-collections', 'tensorflow-datasets'):
+    try:
+      versions[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      versions[dist] = 'not installed'
+  return versions
+
+
+def run_facts(mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Library versions, devices and mesh of this run (JSON-able)."""
+  return {
+      'versions': library_versions(),
+      'backend': jax.default_backend(),
+      'device_kind': jax.devices()[0].device_kind,
+      'device_count': jax.device_count(),
+      'process_count': jax.process_count(),
+      'mesh': dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
+  }
+
+
+def log_run_start(workdir: str, config_json: dict[str, Any], facts: dict[str, Any], *,
+                  enabled: bool) -> None:
+  """Logs the config and run facts, and writes WORKDIR/config.json (process 0 only)."""
+  logging.info('Config:\n%s', json.dumps(config_json, indent=2))
+  logging.info('Run: %s', json.dumps(facts))
+  if enabled:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+      json.dump(config_json, f, indent=2)

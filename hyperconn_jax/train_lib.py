@@ -1,0 +1,342 @@
+"""Training loop: sharded state, jitted train step, periodic eval, checkpoints, resume, preemption.
+
+The state is a pytree of pure arrays (TrainState): parameters (nnx.Param and its subclasses),
+the model's other variables (e.g. params.HCFrozen, never updated), the optax state and the step.
+Gradients are taken only w.r.t. the parameters. All of it lives sharded on the mesh from creation
+on and is donated to each step.
+
+Loop order for update t (1-based; `step` counts finished updates):
+  dispatch update t -> fetch the metrics of update t-1 (the host never waits on the step it just
+  dispatched) -> if update t is an eval / checkpoint / last / preemption step: fetch its metrics
+  too, check them, evaluate, save.
+Metrics are checked for NaN/Inf when fetched; a checkpoint containing update t is written only
+after update t's loss, gradient norm and parameter norm were seen to be finite.
+"""
+
+import dataclasses
+import functools
+import json
+import signal
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from hyperconn_jax import checkpoint
+from hyperconn_jax import config_lib
+from hyperconn_jax import data
+from hyperconn_jax import evaluation
+from hyperconn_jax import metrics as metrics_lib
+from hyperconn_jax import optim
+from hyperconn_jax import sharding
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array    # int32 scalar: updates done.
+  params: PyTree     # pure nnx.State of the nnx.Param variables.
+  rest: PyTree       # pure nnx.State of the other variables (constant during training).
+  opt_state: PyTree  # optax state.
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss, gradient norm or parameters became NaN / Inf."""
+
+
+# ----------------------------------------------------------------------------- config <-> JSON
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as a JSON-able dict (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def config_from_json(config_json: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Inverse of config_to_json: lists become tuples again (configs hold tuples, never lists)."""
+  def tuples(x):
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return tuple(tuples(v) for v in x)
+    return x
+  return ml_collections.ConfigDict(tuples(config_json))
+
+
+# ----------------------------------------------------------------------------- state and shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything derived from the config and the mesh that the step functions need."""
+  mesh: jax.sharding.Mesh
+  rules: Any
+  graphdef: nnx.GraphDef
+  abstract_model: PyTree   # {'params', 'rest'}: ShapeDtypeStructs with shardings.
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: TrainState
+  abstract_opt_state: PyTree
+  batch_sharding: NamedSharding
+
+
+def _path_suffix_shardings(abstract_opt_state: PyTree, abstract_params: PyTree,
+                           replicated: NamedSharding) -> PyTree:
+  """Shardings of an optax state: each leaf that is a copy of a parameter (Adam moments, ...)
+  gets that parameter's sharding, found by the longest matching key-path suffix with the same
+  shape; everything else (counts, scalars) is replicated."""
+  by_path = {jax.tree_util.keystr(path): leaf
+             for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)}
+
+  def pick(path, leaf):
+    for start in range(len(path)):
+      param = by_path.get(jax.tree_util.keystr(path[start:]))
+      if param is not None and param.shape == leaf.shape:
+        return param.sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Setup:
+  """Builds the abstract model, optimizer and all shardings (allocates no parameters)."""
+  graphdef, abstract_state = sharding.abstract_model(config.model, mesh, rules)
+  typed_params, typed_rest = abstract_state.split(nnx.Param, ...)
+  abstract_model = {'params': nnx.as_pure(typed_params), 'rest': nnx.as_pure(typed_rest)}
+  schedule = optim.make_schedule(config.optim, config.train.num_steps)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps,
+                            optim.decay_mask(typed_params, config.optim.decay_embeddings))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_shapes = jax.eval_shape(tx.init, abstract_model['params'])
+  abstract_opt_state = jax.tree.map(
+      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), opt_shapes,
+      _path_suffix_shardings(opt_shapes, abstract_model['params'], replicated))
+  shardings_of = functools.partial(jax.tree.map, lambda x: x.sharding)
+  state_shardings = TrainState(step=replicated, params=shardings_of(abstract_model['params']),
+                               rest=shardings_of(abstract_model['rest']),
+                               opt_state=shardings_of(abstract_opt_state))
+  return Setup(mesh=mesh, rules=rules, graphdef=graphdef, abstract_model=abstract_model, tx=tx,
+               schedule=schedule, state_shardings=state_shardings,
+               abstract_opt_state=abstract_opt_state,
+               batch_sharding=sharding.batch_sharding(mesh, rules))
+
+
+def init_state(config: ml_collections.ConfigDict, setup: Setup) -> TrainState:
+  """A fresh TrainState (parameters from config.seed), created directly in its shards."""
+  model = sharding.create_model(config.model, setup.mesh, setup.rules, config.seed)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+  opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), setup.state_shardings.step)
+  return TrainState(step=step, params=params, rest=rest, opt_state=opt_state)
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def make_train_step(config: ml_collections.ConfigDict, setup: Setup):
+  """The jitted update: (TrainState, global batch) -> (TrainState, metrics); the state is donated.
+
+  Metrics (replicated float32 scalars): loss (mean cross-entropy per weighted token), z_loss
+  (mean logsumexp^2, unscaled), grad_norm (before clipping), param_norm (after the update),
+  lr (of this update), tokens (weighted target tokens in the batch).
+  """
+  graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
+  z_loss = config.optim.z_loss
+  num_microbatches = config.optim.grad_accum_steps
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def sums_fn(params, microbatch):
+      net = nnx.merge(graphdef, params, state.rest)
+      logits_BxLxV = net(microbatch['inputs'])
+      return optim.lm_loss_sums(logits_BxLxV, microbatch['targets'], microbatch['weights'],
+                                z_loss)
+
+    sums, grads = optim.accumulated_grads(sums_fn, state.params, batch, num_microbatches)
+    denom = jnp.maximum(sums['weight'], 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': sums['ce'] / denom,
+        'z_loss': sums['z'] / denom,
+        'grad_norm': optax.global_norm(grads),
+        'param_norm': optax.global_norm(params),
+        'lr': schedule(state.step),
+        'tokens': sums['weight'],
+    }
+    new_state = TrainState(step=state.step + 1, params=params, rest=state.rest,
+                           opt_state=opt_state)
+    return new_state, metrics
+
+  replicated = NamedSharding(setup.mesh, PartitionSpec())
+  batch_shardings = {k: setup.batch_sharding for k in ('inputs', 'targets', 'weights')}
+  return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings),
+                 out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+  """Raises NonFiniteError naming the update if its loss, grad norm or param norm is NaN/Inf."""
+  bad = {k: metrics[k] for k in ('loss', 'grad_norm', 'param_norm') if not np.isfinite(metrics[k])}
+  if bad:
+    raise NonFiniteError(f'non-finite training metrics at step {step}: {bad}; stopping '
+                         f'(no checkpoint containing step {step} was written).')
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class _StopFlag:
+  """Set by SIGTERM (preemption): the loop saves the current step and returns."""
+
+  def __init__(self):
+    self.set = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # Not in the main thread: no handler, no preemption support.
+      self._previous = None
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self.set = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains config.train.num_steps updates, resuming from WORKDIR/checkpoints if it holds any.
+
+  Re-running with the same workdir continues exactly where the last checkpoint left off (same
+  data order via the restored iterator state, same updates). On SIGTERM the current step is saved
+  and the function returns normally.
+
+  Args:
+    config: the full (locked) config.
+    workdir: output directory: checkpoints/, metrics.jsonl, tensorboard/, config.json.
+
+  Returns:
+    {'step': last step, plus the last training metrics and the last eval metrics (if any)}.
+
+  Raises:
+    ValueError: a bad config (before anything is compiled).
+    NonFiniteError: NaN / Inf loss, gradient or parameters (the message names the step).
+  """
+  config_lib.validate(config)
+  config_lib.validate_mesh_for_devices(config, jax.device_count())
+  data.ensure_prepared(config)
+  is_chief = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
+  config_json = config_to_json(config)
+  facts = metrics_lib.run_facts(mesh)
+  metrics_lib.log_run_start(workdir, config_json, facts, enabled=is_chief)
+
+  with sharding.activate(mesh, rules):
+    setup = make_setup(config, mesh, rules)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+    train_iter = data.make_train_iterator(config, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    start = ckpt.latest_step()
+    if start is None:
+      state = init_state(config, setup)
+      start = 0
+      logging.info('Starting from scratch (seed %d).', config.seed)
+    else:
+      restored = ckpt.restore(start, model=setup.abstract_model,
+                              opt_state=setup.abstract_opt_state, data_iter=train_iter)
+      state = TrainState(
+          step=jax.device_put(jnp.asarray(start, jnp.int32), setup.state_shardings.step),
+          params=restored['model']['params'], rest=restored['model']['rest'],
+          opt_state=restored['opt_state'])
+      logging.info('Resumed from checkpoint step %d in %s.', start, ckpt.directory)
+    train_step = make_train_step(config, setup)
+    evaluator = evaluation.Evaluator(config, setup.graphdef,
+                                     {'params': setup.state_shardings.params,
+                                      'rest': setup.state_shardings.rest},
+                                     setup.batch_sharding)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_chief,
+                                      resume_step=start if start > 0 else None)
+    progress = metrics_lib.Progress(enabled=is_chief, start_step=start,
+                                    num_steps=config.train.num_steps)
+    try:
+      with _StopFlag() as stop:
+        result = _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt,
+                       writer, progress, stop)
+    finally:
+      progress.close()
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
+  return result
+
+
+def _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt, writer,
+          progress, stop) -> dict[str, Any]:
+  """The update loop of train_and_evaluate (see the module docstring for the order)."""
+  num_steps = config.train.num_steps
+  train_cfg = config.train
+  multi_process = jax.process_count() > 1
+  pending = None  # (step, device metrics) of the last dispatched update, not yet fetched.
+  last_train, last_eval = {}, {}
+  meta = metrics_lib.run_facts(setup.mesh)
+
+  def fetch(step, device_metrics):
+    nonlocal last_train
+    host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    check_finite(step, host)
+    progress.update(step, host['loss'], host['tokens'])
+    if step % train_cfg.log_every == 0 or step == num_steps:
+      row = dict(host, tokens_per_sec=progress.tokens_per_second())
+      writer.write(step, row)
+      logging.info('step %d: %s', step, ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
+    last_train = host
+
+  if start >= num_steps:
+    logging.info('Checkpoint step %d >= train.num_steps=%d: nothing to train.', start, num_steps)
+  step = start
+  while step < num_steps:
+    local = next(train_iter)
+    state, device_metrics = train_step(state, evaluation.global_batch(local, setup.batch_sharding))
+    step += 1
+    if pending is not None:
+      fetch(*pending)
+    pending = (step, device_metrics)
+
+    preempted = ckpt.reached_preemption(step) if multi_process else stop.set
+    do_eval = step % train_cfg.eval_every == 0 or step == num_steps
+    do_save = do_eval or step % train_cfg.checkpoint_every == 0 or preempted
+    if not do_save:
+      continue
+    fetch(*pending)  # Update `step` must be finite before it is evaluated or saved.
+    pending = None
+    eval_metrics = None
+    if do_eval:
+      eval_metrics = evaluator({'params': state.params, 'rest': state.rest})
+      writer.write(step, eval_metrics)
+      logging.info('step %d eval: %s', step,
+                   ', '.join(f'{k}={v:.4g}' for k, v in eval_metrics.items()))
+      last_eval = eval_metrics
+    ckpt.save(step, model={'params': state.params, 'rest': state.rest},
+              opt_state=state.opt_state, data_iter=train_iter,
+              config_json=config_to_json(config), meta=meta, metrics=eval_metrics)
+    if preempted:
+      logging.warning('Stopping after step %d (preemption); checkpoint saved.', step)
+      break
+  if pending is not None:
+    fetch(*pending)
+  return {'step': step, **last_train, **last_eval}
