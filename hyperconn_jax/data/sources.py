@@ -1,0 +1,143 @@
+"""Finding, preparing and opening the TFDS dataset named by config.data.
+
+'stdlib' and 'text_files' need no download, so `ensure_prepared` prepares them on first use. Any
+other name is a TFDS dataset ('lm1b', 'c4/en:3.1.0', ...) that the user prepares once as
+array_record; if it is missing we raise a ValueError giving the command, before tfds would start a
+download of its own. Reading goes through `builder.as_data_source(split)` (what `tfds.data_source`
+calls), giving random access to the examples without TensorFlow.
+
+Two processes may prepare the same dataset at once (several hosts sharing data_dir): TFDS writes
+into a temporary directory and renames it into place, which only one of them wins; the loser finds
+the dataset prepared and uses it.
+"""
+
+import os
+
+from absl import logging
+import tensorflow_datasets as tfds
+
+from hyperconn_jax.data import builders
+
+PREPARED_HERE = ('stdlib', 'text_files')
+
+
+def resolve_data_dir(data_config) -> str:
+  """Returns data.data_dir, or TFDS's default (~/tensorflow_datasets) when it is ''."""
+  if data_config.data_dir:
+    return os.path.abspath(os.path.expanduser(data_config.data_dir))
+  return os.path.expanduser(tfds.core.constants.DATA_DIR)
+
+
+def prepare_command(data_config) -> str:
+  """Returns the shell command that prepares the dataset of data_config."""
+  data_dir = resolve_data_dir(data_config)
+  if data_config.dataset == 'stdlib':
+    return f'python -m hyperconn_jax.data.prepare --dataset=stdlib --data_dir={data_dir}'
+  if data_config.dataset == 'text_files':
+    return (f"python -m hyperconn_jax.data.prepare --dataset=text_files "
+            f"--text_glob='{data_config.text_glob}' --data_dir={data_dir}")
+  return f'python -m hyperconn_jax.data.prepare --dataset={data_config.dataset} --data_dir={data_dir}'
+
+
+def builder(data_config) -> tfds.core.DatasetBuilder:
+  """Returns the (possibly unprepared) builder of data_config's dataset in its data_dir."""
+  data_dir = resolve_data_dir(data_config)
+  if data_config.dataset == 'stdlib':
+    return builders.PythonStdlib(
+        config=builders.stdlib_config(data_config.eval_fraction), data_dir=data_dir,
+        file_format='array_record')
+  if data_config.dataset == 'text_files':
+    return builders.TextFiles(
+        config=builders.text_files_config(data_config.text_glob, data_config.eval_fraction),
+        data_dir=data_dir, file_format='array_record')
+  try:
+    return tfds.builder(data_config.dataset, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(
+        f'data.dataset={data_config.dataset!r} is neither a TFDS dataset nor prepared in '
+        f"{data_dir}; use 'stdlib', 'text_files' or a TFDS name such as 'lm1b'.") from None
+
+
+def prepare(dataset_builder: tfds.core.DatasetBuilder) -> None:
+  """Prepares a builder that needs no download, tolerating a concurrent preparation."""
+  if dataset_builder.is_prepared():
+    return
+  logging.info('Preparing %s in %s.', dataset_builder.info.full_name, dataset_builder.data_dir)
+  try:
+    dataset_builder.download_and_prepare(
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except OSError:
+    # Another process renamed its copy into place first; theirs is as good as ours.
+    again = type(dataset_builder)(config=dataset_builder.builder_config,
+                                  data_dir=dataset_builder.data_dir_root, file_format='array_record')
+    if not again.is_prepared():
+      raise
+
+
+def ensure_prepared(config) -> None:
+  """Makes sure config.data's dataset is prepared in its data_dir.
+
+  Prepares 'stdlib' and 'text_files' if needed (seconds; no download).
+
+  Raises:
+    ValueError: any other dataset that is not prepared (the message gives the command that
+      prepares it), or one prepared in a format tfds.data_source cannot read.
+  """
+  data_config = config.data
+  data_dir = resolve_data_dir(data_config)
+  dataset_builder = builder(data_config)
+  if data_config.dataset in PREPARED_HERE:
+    prepare(dataset_builder)
+    return
+  if not dataset_builder.is_prepared():
+    raise ValueError(
+        f'data.dataset={data_config.dataset!r} is not prepared in data.data_dir={data_dir!r}. '
+        f'Prepare it once with:\n  {prepare_command(data_config)}\n'
+        '(the same as tfds.builder(NAME, data_dir=DIR).download_and_prepare('
+        "file_format='array_record')). TFDS datasets that need TensorFlow or apache-beam to "
+        'generate can be prepared where those are installed, with\n'
+        f'  tfds build {data_config.dataset} --data_dir={data_dir} --file_format=array_record\n'
+        'and the directory copied here.')
+  file_format = dataset_builder.info.file_format
+  if file_format is not None and file_format.value != 'array_record':
+    raise ValueError(
+        f'data.dataset={data_config.dataset!r} in {dataset_builder.data_dir} is prepared as '
+        f'{file_format.value}, but reading without TensorFlow needs array_record. Prepare it '
+        f'again with:\n  {prepare_command(data_config)}')
+
+
+def data_source(data_config, split: str):
+  """Returns the random-access source of one split of an already prepared dataset.
+
+  Args:
+    data_config: config.data.
+    split: a split name of the dataset (data.train_split / data.eval_split).
+
+  Returns:
+    A sequence of examples (dicts of numpy values / bytes), from `builder.as_data_source(split)`.
+
+  Raises:
+    ValueError: the split does not exist or the prepared files cannot be read.
+  """
+  data_dir = resolve_data_dir(data_config)
+  dataset_builder = builder(data_config)
+  if not dataset_builder.is_prepared():
+    raise ValueError(
+        f'data.dataset={data_config.dataset!r} is not prepared in {data_dir}; run '
+        f'ensure_prepared(config) or:\n  {prepare_command(data_config)}')
+  splits = sorted(dataset_builder.info.splits.keys())
+  if split not in dataset_builder.info.splits:
+    raise ValueError(
+        f'Split {split!r} (data.train_split / data.eval_split) not in data.dataset='
+        f'{data_config.dataset!r}; it has {splits}.')
+  try:
+    source = dataset_builder.as_data_source(split=split)
+    if len(source):
+      source[0]
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f'Cannot read split {split!r} of data.dataset={data_config.dataset!r} prepared in '
+        f'{dataset_builder.data_dir} ({type(e).__name__}: {e}). The files look corrupted: delete '
+        f'that directory and prepare it again with:\n  {prepare_command(data_config)}') from e
+  return source
