@@ -1,0 +1,500 @@
+"""Tests of hyperconn_jax.data: builders, tokenizers, the grain pipelines and their checkpoints.
+
+Most tests use the text_files builder on small generated files in which every word of document i
+is the tag 'dNNN' (NNN = i), so the document behind any piece of a batch can be read back.
+"""
+
+import glob
+import json
+import os
+import re
+import sys
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import base
+from hyperconn_jax import data
+from hyperconn_jax.data import builders
+from hyperconn_jax.data import prepare
+from hyperconn_jax.data import sources
+from hyperconn_jax.data import tokenizers
+
+NUM_DOCS = 30
+SEQ_LEN = 32
+BATCH = 4
+_TAG = re.compile(r'd(\d{3})')
+
+
+def _doc_text(i: int) -> str:
+  # Lengths from about 50 to 1000 bytes; a non-ASCII word checks that bytes are UTF-8.
+  return '\n'.join(' '.join([f'd{i:03d}'] * 9) + ' é' for _ in range(1 + (i * 7) % 19)) + '\n'
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """Directory of NUM_DOCS text files; returns (glob, {doc id: text})."""
+  root = tmp_path_factory.mktemp('corpus')
+  texts = {}
+  for i in range(NUM_DOCS):
+    texts[i] = _doc_text(i)
+    (root / f'doc_{i:03d}.txt').write_text(texts[i], encoding='utf-8')
+  return str(root / '*.txt'), texts
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _config(glob_: str, tfds_dir: str, **data_overrides):
+  config = base.get_config()
+  config.data.dataset = 'text_files'
+  config.data.text_glob = glob_
+  config.data.data_dir = tfds_dir
+  config.data.seq_len = SEQ_LEN
+  config.data.eval_fraction = 0.2
+  config.data.shuffle_window = 128
+  config.train.batch_size = BATCH
+  for key, value in data_overrides.items():
+    config.data[key] = value
+  return config
+
+
+@pytest.fixture
+def config(corpus, data_dir):
+  return _config(corpus[0], data_dir)
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def _stream(batches) -> np.ndarray:
+  """Token stream of consecutive packed rows (each row is seq_len + 1 tokens: inputs + last target)."""
+  rows = [np.concatenate([b['inputs'][r], b['targets'][r, -1:]])
+          for b in batches for r in range(len(b['inputs']))]
+  return np.concatenate(rows)
+
+
+def _doc_ids(tokens: np.ndarray) -> list[int]:
+  """Tags of the documents in a token stream, in order (split at EOS = 0)."""
+  tokenizer = tokenizers.ByteTokenizer()
+  ids = []
+  for piece in np.split(tokens, np.flatnonzero(tokens == 0) + 1):
+    match = _TAG.search(tokenizer.decode(piece))
+    if match:
+      ids.append(int(match.group(1)))
+  return ids
+
+
+def _tags(batches) -> set[int]:
+  """Every document tag that appears in any row of the batches."""
+  tokenizer = tokenizers.ByteTokenizer()
+  return {int(m) for b in batches for row in b['inputs']
+          for m in _TAG.findall(tokenizer.decode(row))}
+
+
+def _split_ids(config, split: str) -> list[int]:
+  """Document ids of a prepared split, in stored order (read through the TFDS data source)."""
+  source = sources.data_source(config.data, split)
+  return [int(re.fullmatch(r'doc_(\d{3})\.txt', source[i]['path'].decode()).group(1))
+          for i in range(len(source))]
+
+
+# Tokenizers.
+
+
+def test_bytes_tokenizer_round_trip():
+  tokenizer = data.get_tokenizer(base.get_config().data)
+  assert tokenizer.vocab_size == 256 and tokenizer.eos_id == 0
+  ids = tokenizer.encode('héllo\0 wörld')
+  assert ids.dtype == np.int32
+  # NUL dropped from the text, EOS (0) appended once.
+  assert ids[-1] == 0 and np.count_nonzero(ids == 0) == 1
+  np.testing.assert_array_equal(ids[:-1], list('héllo wörld'.encode('utf-8')))
+  assert tokenizer.decode(ids) == 'héllo wörld'
+  assert tokenizer.encode(b'abc').tolist() == [97, 98, 99, 0]
+  assert tokenizer.num_bytes(ids) == len('héllo wörld'.encode('utf-8'))
+
+
+def test_sentencepiece_tokenizer(corpus, tmp_path):
+  sentencepiece = pytest.importorskip('sentencepiece')
+  text_file = tmp_path / 'train.txt'
+  with open(os.path.join(builders.stdlib_root(), 'os.py'), encoding='utf-8') as f:
+    text_file.write_text(f.read() + ''.join(corpus[1].values()), encoding='utf-8')
+  sentencepiece.SentencePieceTrainer.train(
+      input=str(text_file), model_prefix=str(tmp_path / 'spm'), vocab_size=200,
+      character_coverage=1.0, minloglevel=2)
+  data_config = base.get_config().data
+  data_config.tokenizer = 'sentencepiece'
+  data_config.spm_path = str(tmp_path / 'spm.model')
+  tokenizer = data.get_tokenizer(data_config)
+  assert tokenizer.vocab_size == 200
+  text = 'd003 d003 é\nd017'
+  ids = tokenizer.encode(text)
+  assert ids.dtype == np.int32 and ids[-1] == tokenizer.eos_id
+  assert np.count_nonzero(ids == tokenizer.eos_id) == 1
+  assert tokenizer.decode(ids) == tokenizer.decode(ids[:-1])
+  assert tokenizer.decode(ids).split() == text.split()
+  # Every byte of the text, plus at most the space SentencePiece puts in front of the document.
+  assert tokenizer.num_bytes(ids) - len(text.encode('utf-8')) in (0, 1)
+
+
+def test_sentencepiece_errors(monkeypatch, tmp_path):
+  data_config = base.get_config().data
+  data_config.tokenizer = 'sentencepiece'
+  data_config.spm_path = str(tmp_path / 'missing.model')
+  with pytest.raises(ValueError, match='data.spm_path.*no such'):
+    data.get_tokenizer(data_config)
+  monkeypatch.setitem(sys.modules, 'sentencepiece', None)  # import fails as if not installed
+  with pytest.raises(ValueError, match='pip install sentencepiece'):
+    data.get_tokenizer(data_config)
+
+
+# Config validation.
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (dict(tokenizer='wordpiece'), r"data.tokenizer='wordpiece'.*'bytes', 'sentencepiece'"),
+    (dict(tokenizer='sentencepiece', spm_path=''), r"data.spm_path=''"),
+    (dict(seq_len=0), r'data.seq_len=0; expected an int >= 1'),
+    (dict(shuffle_seed=2**32), r'data.shuffle_seed=4294967296; expected an int in \[0, '),
+    (dict(eval_fraction=0.0), r'data.eval_fraction=0.0'),
+    (dict(eval_fraction=1), r'data.eval_fraction=1'),
+    (dict(shuffle_seed=-1), r'data.shuffle_seed=-1'),
+    (dict(shuffle_window=-2), r'data.shuffle_window=-2'),
+    (dict(worker_count=True), r'data.worker_count=True'),
+    (dict(dataset=''), r"data.dataset=''"),
+    (dict(eval_split=''), r"data.eval_split=''"),
+    (dict(text_key=''), r"data.text_key=''"),
+    (dict(data_dir=None), r'data.data_dir=None'),
+    (dict(text_glob=''), r"data.text_glob=''"),
+    (dict(text_glob='/nonexistent/dir/*.txt'), r'data.text_glob=.*matches 0 file'),
+    (dict(text_glob='ONE_FILE'), r'data.text_glob=.*matches 1 file'),
+])
+def test_validate_rejects(overrides, match, corpus, data_dir):
+  config = _config(corpus[0], data_dir, **overrides)
+  if config.data.text_glob == 'ONE_FILE':
+    config.data.text_glob = corpus[0].replace('*', 'doc_001')
+  with pytest.raises(ValueError, match=match):
+    data.validate(config.data)
+
+
+def test_validate_accepts_defaults(config):
+  data.validate(base.get_config().data)
+  data.validate(config.data)
+
+
+# Builders and preparation.
+
+
+def test_split_by_path_is_stable_and_disjoint():
+  paths = [f'pkg/mod_{i}.py' for i in range(500)]
+  splits = builders.split_by_path(paths, 0.05)
+  assert set(splits['train']).isdisjoint(splits['validation'])
+  assert sorted(splits['train'] + splits['validation']) == sorted(paths)
+  assert 5 <= len(splits['validation']) <= 50
+  # A function of each path alone: order and the other files do not matter.
+  assert builders.split_by_path(paths[::-1], 0.05) == splits
+  fewer = builders.split_by_path(paths[:250], 0.05)
+  assert set(fewer['validation']) == set(splits['validation']) & set(paths[:250])
+  # With two files or more neither split is empty.
+  assert all(len(v) == 1 for v in builders.split_by_path(['a', 'b'], 0.01).values())
+
+
+def test_text_files_train_validation_disjoint_by_file(config, corpus):
+  data.ensure_prepared(config)
+  train, validation = _split_ids(config, 'train'), _split_ids(config, 'validation')
+  assert set(train).isdisjoint(validation)
+  assert sorted(train + validation) == list(range(NUM_DOCS))
+  assert validation and train == sorted(train)  # stored in path order
+  source = sources.data_source(config.data, 'validation')
+  assert source[0]['text'].decode('utf-8') == corpus[1][validation[0]]
+
+
+def test_text_files_config_follows_the_files(tmp_path):
+  for i in range(3):
+    (tmp_path / f'{i}.txt').write_text(f'text {i}')
+  pattern = str(tmp_path / '*.txt')
+  name = builders.text_files_config(pattern, 0.2).name
+  assert builders.text_files_config(pattern, 0.2).name == name
+  assert builders.text_files_config(pattern, 0.3).name != name
+  (tmp_path / '1.txt').write_text('changed, longer text')
+  assert builders.text_files_config(pattern, 0.2).name != name
+
+
+def test_prepare_cli_and_concurrent_preparation(corpus, tmp_path, monkeypatch, capsys):
+  config = _config(corpus[0], str(tmp_path / 'tfds'))
+  # Another process finishes preparing the same dataset while this one is generating: this one's
+  # rename fails and it uses theirs.
+  original = builders.TextFiles._split_generators
+  raced = []
+
+  def racing(self, dl_manager):
+    if not raced:
+      raced.append(True)
+      sources.prepare(sources.builder(config.data))
+    return original(self, dl_manager)
+
+  monkeypatch.setattr(builders.TextFiles, '_split_generators', racing)
+  prepare.main([f'--dataset=text_files', f'--text_glob={corpus[0]}',
+                f'--data_dir={tmp_path / "tfds"}', '--eval_fraction=0.2'])
+  assert raced and 'text_files is prepared' in capsys.readouterr().out
+  assert sorted(_split_ids(config, 'train') + _split_ids(config, 'validation')) == list(
+      range(NUM_DOCS))
+  assert not glob.glob(str(tmp_path / 'tfds' / '**' / '*incomplete*'), recursive=True)
+
+
+@pytest.fixture(scope='module')
+def stdlib_config(tmp_path_factory):
+  config = base.get_config()
+  config.data.data_dir = str(tmp_path_factory.mktemp('stdlib'))
+  config.data.seq_len = SEQ_LEN
+  config.train.batch_size = BATCH
+  data.ensure_prepared(config)  # about a second
+  return config
+
+
+def test_stdlib_corpus(stdlib_config):
+  builder = sources.builder(stdlib_config.data)
+  assert builder.is_prepared()
+  version = '.'.join(map(str, sys.version_info[:3]))
+  assert builder.info.metadata['python_version'] == version
+  assert f'py{version}' in builder.data_dir
+  train = sources.data_source(stdlib_config.data, 'train')
+  validation = sources.data_source(stdlib_config.data, 'validation')
+  train_paths = {train[i]['path'].decode() for i in range(len(train))}
+  eval_paths = {validation[i]['path'].decode() for i in range(len(validation))}
+  assert train_paths.isdisjoint(eval_paths)
+  all_paths = builders.list_stdlib_files(builders.stdlib_root())
+  assert train_paths | eval_paths == set(all_paths)
+  assert 'os.py' in all_paths and not any('site-packages' in p for p in all_paths)
+  assert 0.01 < len(eval_paths) / len(all_paths) < 0.06
+  with open(os.path.join(builders.stdlib_root(), 'os.py'), encoding='utf-8') as f:
+    os_source = f.read()
+  index = sorted(train_paths).index('os.py') if 'os.py' in train_paths else None
+  if index is not None:
+    assert train[index]['text'].decode('utf-8') == os_source
+  batch = next(data.make_train_iterator(stdlib_config))
+  assert batch['inputs'].shape == (BATCH, SEQ_LEN)
+
+
+# Unprepared and broken datasets.
+
+
+def test_missing_tfds_dataset_gives_prepare_command(tmp_path):
+  config = base.get_config()
+  config.data.dataset = 'lm1b'
+  config.data.data_dir = str(tmp_path)
+  for call in (data.ensure_prepared, data.make_train_iterator):
+    with pytest.raises(ValueError) as info:
+      call(config)
+    message = str(info.value)
+    assert "data.dataset='lm1b' is not prepared" in message
+    assert f'python -m hyperconn_jax.data.prepare --dataset=lm1b --data_dir={tmp_path}' in message
+    assert f'tfds build lm1b --data_dir={tmp_path} --file_format=array_record' in message
+  assert not os.listdir(tmp_path)  # nothing downloaded or created
+  config.data.dataset = 'no_such_dataset_xyz'
+  with pytest.raises(ValueError, match="data.dataset='no_such_dataset_xyz' is neither"):
+    data.ensure_prepared(config)
+
+
+class ToyLm(tfds.core.GeneratorBasedBuilder):
+  """A TFDS dataset known by name, as lm1b or c4 would be."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  code_path = None  # see builders._LocalBuilder
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({'sentence': tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(40), 'test': self._generate_examples(8)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {'sentence': f'toy sentence number {i} ' * 3}
+
+
+def test_any_prepared_tfds_dataset_by_name(tmp_path):
+  ToyLm(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  config = base.get_config()
+  config.data.update(dataset='toy_lm', data_dir=str(tmp_path), seq_len=SEQ_LEN,
+                     text_key='sentence', eval_split='test')
+  config.train.batch_size = BATCH
+  data.ensure_prepared(config)
+  batch = next(data.make_train_iterator(config))
+  assert batch['inputs'].shape == (BATCH, SEQ_LEN) and batch['weights'].all()
+  assert 'toy sentence number' in tokenizers.ByteTokenizer().decode(batch['inputs'][0]) + \
+      tokenizers.ByteTokenizer().decode(batch['inputs'][1])
+  assert len(list(data.make_eval_iterator(config, num_batches=0))) >= 1
+  config.data.eval_split = 'validation'
+  with pytest.raises(ValueError, match=r"Split 'validation'.*\['test', 'train'\]"):
+    data.make_eval_iterator(config, num_batches=1)
+  config.data.update(eval_split='test', text_key='text')
+  with pytest.raises(ValueError, match=r"data.text_key='text'.*\['sentence'\]"):
+    data.make_eval_iterator(config, num_batches=1)
+
+
+def test_bad_text_files(tmp_path):
+  (tmp_path / 'a.txt').write_text('fine')
+  (tmp_path / 'b.txt').write_bytes(b'caf\xe9 latin-1')
+  with pytest.raises(ValueError, match=r'b.txt .*is not UTF-8'):
+    data.ensure_prepared(_config(str(tmp_path / '*.txt'), str(tmp_path / 'tfds')))
+  (tmp_path / 'b.txt').write_text('')
+  (tmp_path / 'a.txt').write_text('')
+  with pytest.raises(ValueError, match=r'all 2 matched files are empty'):
+    data.ensure_prepared(_config(str(tmp_path / '*.txt'), str(tmp_path / 'tfds')))
+
+
+def test_dataset_shorter_than_one_sequence(tmp_path):
+  for i in range(4):
+    (tmp_path / f'{i}.txt').write_text('tiny')
+  config = _config(str(tmp_path / '*.txt'), str(tmp_path / 'tfds'), seq_len=64)
+  with pytest.raises(ValueError, match=r'only \d+ tokens, fewer than one training sequence'):
+    data.make_train_iterator(config)
+
+
+def test_corrupted_prepared_files(corpus, tmp_path):
+  config = _config(corpus[0], str(tmp_path))
+  data.ensure_prepared(config)
+  (shard,) = glob.glob(str(tmp_path / '**' / '*-train.array_record-*'), recursive=True)
+  with open(shard, 'r+b') as f:
+    f.truncate(100)
+  with pytest.raises(ValueError, match=r'look corrupted: delete'):
+    data.make_train_iterator(config)
+
+
+def test_batch_size_must_divide_over_processes(config):
+  config.train.batch_size = 3
+  with pytest.raises(ValueError, match=r'train.batch_size=3.*not divisible by the 2 processes'):
+    data.make_train_iterator(config, process_index=0, process_count=2)
+  config.model.vocab_size = 100
+  config.train.batch_size = 4
+  with pytest.raises(ValueError, match=r'model.vocab_size=100'):
+    data.make_train_iterator(config)
+
+
+# The train pipeline.
+
+
+def test_train_batches_are_packed_without_padding(config, corpus):
+  config.data.shuffle_window = 0  # rows then follow the token stream in order
+  batches = _take(data.make_train_iterator(config), 25)
+  for batch in batches:
+    assert batch['inputs'].shape == batch['targets'].shape == (BATCH, SEQ_LEN)
+    assert batch['inputs'].dtype == batch['targets'].dtype == np.int32
+    assert batch['weights'].dtype == np.float32 and batch['weights'].all()
+    np.testing.assert_array_equal(batch['targets'][:, :-1], batch['inputs'][:, 1:])
+  # The rows are the documents, each followed by EOS, concatenated without a token lost or added.
+  stream = _stream(batches)
+  ids = _doc_ids(stream)
+  tokenizer = tokenizers.ByteTokenizer()
+  expected = np.concatenate([tokenizer.encode(corpus[1][i]) for i in ids])
+  np.testing.assert_array_equal(stream, expected[:len(stream)])
+
+
+def test_epochs_cover_train_split_in_different_orders(config):
+  config.data.shuffle_window = 0
+  train = _split_ids(config, 'train')
+  ids = _doc_ids(_stream(_take(data.make_train_iterator(config), 250)))
+  first, second = ids[:len(train)], ids[len(train):2 * len(train)]
+  assert sorted(first) == sorted(second) == train
+  assert first != second and first != train
+
+
+def test_same_seed_same_batches(config):
+  a = _take(data.make_train_iterator(config), 6)
+  _assert_same_batches(a, _take(data.make_train_iterator(config), 6))
+  config.data.shuffle_seed = 1
+  b = _take(data.make_train_iterator(config), 6)
+  assert not all(np.array_equal(x['inputs'], y['inputs']) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize('shuffle_window', [0, 128])
+@pytest.mark.parametrize('through_json', [False, True])
+def test_iterator_state_round_trip(config, shuffle_window, through_json):
+  config.data.shuffle_window = shuffle_window
+  for k in (1, 7, 100):  # mid-document, mid-window, past a window and an epoch
+    iterator = data.make_train_iterator(config)
+    _take(iterator, k)
+    state = iterator.get_state()
+    if through_json:  # what grain's checkpoint handler writes
+      state = json.loads(json.dumps(state))
+    expected = _take(iterator, 5)
+    restored = data.make_train_iterator(config)
+    restored.set_state(state)
+    _assert_same_batches(_take(restored, 5), expected)
+
+
+def test_iterator_state_round_trip_through_orbax(config, tmp_path):
+  iterator = data.make_train_iterator(config)
+  _take(iterator, 9)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.save(9, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+  expected = _take(iterator, 5)
+  restored = data.make_train_iterator(config)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.restore(9, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  _assert_same_batches(_take(restored, 5), expected)
+
+
+def test_processes_read_disjoint_documents(config):
+  train = set(_split_ids(config, 'train'))
+  seen = []
+  for process_index in range(2):
+    iterator = data.make_train_iterator(config, process_index=process_index, process_count=2)
+    batches = _take(iterator, 150)
+    assert all(b['inputs'].shape == (BATCH // 2, SEQ_LEN) for b in batches)
+    seen.append(_tags(batches))
+  assert seen[0].isdisjoint(seen[1])
+  # Together they cover what a single process reading the global batch sees: every document.
+  assert seen[0] | seen[1] == train == _tags(_take(data.make_train_iterator(config), 100))
+
+
+# The eval pipeline.
+
+
+def test_eval_is_deterministic_and_complete(config, corpus):
+  batches = list(data.make_eval_iterator(config, num_batches=0))
+  _assert_same_batches(batches, list(data.make_eval_iterator(config, num_batches=0)))
+  _assert_same_batches(batches[:2], list(data.make_eval_iterator(config, num_batches=2)))
+  for batch in batches[:-1]:
+    assert batch['weights'].all()
+  last = batches[-1]
+  assert last['inputs'].shape == (BATCH, SEQ_LEN) and not last['weights'].all()
+  # The weighted targets are exactly the validation documents in stored order, minus the first
+  # token of each packed row (it is only an input).
+  validation = _split_ids(config, 'validation')
+  tokenizer = tokenizers.ByteTokenizer()
+  stream = np.concatenate([tokenizer.encode(corpus[1][i]) for i in validation])
+  rows = [stream[i:i + SEQ_LEN + 1] for i in range(0, len(stream), SEQ_LEN + 1)]
+  expected = np.concatenate([row[1:] for row in rows])
+  targets = np.concatenate([b['targets'][b['weights'] > 0] for b in batches])
+  np.testing.assert_array_equal(targets, expected)
+  assert _tags(batches) == set(validation)
+  assert _tags(batches).isdisjoint(_split_ids(config, 'train'))
+
+
+def test_eval_sharded_by_rows(config):
+  whole = list(data.make_eval_iterator(config, num_batches=0))
+  parts = [list(data.make_eval_iterator(config, process_index=p, process_count=2, num_batches=0))
+           for p in range(2)]
+  assert len(parts[0]) == len(parts[1]) == len(whole)
+  for batch, a, b in zip(whole, *parts):
+    for key in batch:
+      np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), batch[key])
