@@ -5,25 +5,25 @@ import jax.numpy as jnp
 
 
 def sinkhorn(logits_xNxN: jax.Array, iters: int, eps: float) -> jax.Array:
-  """Returns M^(iters), with M^(0) = exp(logits) and M^(t) = T_r(T_c(M^(t-1))).
+  """Returns M^(iters), with M^(0) = exp(logits) + eps and M^(t) = T_r(T_c(M^(t-1))).
 
   T_c divides every column by its sum, T_r every row by its sum; the last step normalises rows, so
-  rows sum to 1 and columns approach 1 as iters grows. Subtracting each matrix's max before exp
-  changes nothing (normalisation removes any common factor) but keeps exp finite. A sum below eps is
-  replaced by eps, so a column or row that underflowed to 0 stays 0 instead of giving NaN; above eps
-  the normalisations are exact.
+  rows sum to exactly 1 and columns approach 1 as iters grows. Each matrix's max logit is subtracted
+  before exp (normalisation removes any common factor, and exp stays finite). Adding eps to every
+  entry, as DeepSeek's TileKernels does after its first step, keeps each row and column sum > 0 even
+  where exp underflows for very spread logits: no NaN, and no row of the result is ever all zero.
 
   Args:
     logits_xNxN: [..., N, N] logits, any float dtype.
     iters: number of (column, row) normalisation pairs, >= 1.
-    eps: floor of the sums, > 0.
+    eps: added to every entry of exp(logits - max), > 0.
   Returns:
-    [..., N, N] float32, non-negative.
+    [..., N, N] float32, positive, rows summing to 1.
   """
   logits = logits_xNxN.astype(jnp.float32)
   shift = jax.lax.stop_gradient(jnp.max(logits, axis=(-2, -1), keepdims=True))
-  m = jnp.exp(logits - shift)
+  m = jnp.exp(logits - shift) + eps
   for _ in range(iters):
-    m = m / jnp.maximum(jnp.sum(m, axis=-2, keepdims=True), eps)
-    m = m / jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), eps)
+    m = m / jnp.sum(m, axis=-2, keepdims=True)
+    m = m / jnp.sum(m, axis=-1, keepdims=True)
   return m
