@@ -82,7 +82,7 @@ def _assert_same_batches(a, b):
 
 
 def _stream(batches) -> np.ndarray:
-  """Token stream of consecutive packed rows (each row is seq_len + 1 tokens: inputs + last target)."""
+  """Token stream of consecutive packed rows (seq_len + 1 tokens each: inputs + last target)."""
   rows = [np.concatenate([b['inputs'][r], b['targets'][r, -1:]])
           for b in batches for r in range(len(b['inputs']))]
   return np.concatenate(rows)
@@ -249,7 +249,7 @@ def test_prepare_cli_and_concurrent_preparation(corpus, tmp_path, monkeypatch, c
     return original(self, dl_manager)
 
   monkeypatch.setattr(builders.TextFiles, '_split_generators', racing)
-  prepare.main([f'--dataset=text_files', f'--text_glob={corpus[0]}',
+  prepare.main(['--dataset=text_files', f'--text_glob={corpus[0]}',
                 f'--data_dir={tmp_path / "tfds"}', '--eval_fraction=0.2'])
   assert raced and 'text_files is prepared' in capsys.readouterr().out
   assert sorted(_split_ids(config, 'train') + _split_ids(config, 'validation')) == list(
@@ -273,20 +273,22 @@ def test_stdlib_corpus(stdlib_config):
   version = '.'.join(map(str, sys.version_info[:3]))
   assert builder.info.metadata['python_version'] == version
   assert f'py{version}' in builder.data_dir
-  train = sources.data_source(stdlib_config.data, 'train')
-  validation = sources.data_source(stdlib_config.data, 'validation')
-  train_paths = {train[i]['path'].decode() for i in range(len(train))}
-  eval_paths = {validation[i]['path'].decode() for i in range(len(validation))}
+  # Standard TFDS files: readable without our builder class.
+  assert len(tfds.builder_from_directory(builder.data_dir).as_data_source('validation')) == len(
+      sources.data_source(stdlib_config.data, 'validation'))
+  texts = {}
+  for split in ('train', 'validation'):
+    source = sources.data_source(stdlib_config.data, split)
+    examples = [source[i] for i in range(len(source))]
+    texts[split] = {e['path'].decode(): e['text'].decode('utf-8') for e in examples}
+  train_paths, eval_paths = set(texts['train']), set(texts['validation'])
   assert train_paths.isdisjoint(eval_paths)
   all_paths = builders.list_stdlib_files(builders.stdlib_root())
   assert train_paths | eval_paths == set(all_paths)
   assert 'os.py' in all_paths and not any('site-packages' in p for p in all_paths)
   assert 0.01 < len(eval_paths) / len(all_paths) < 0.06
   with open(os.path.join(builders.stdlib_root(), 'os.py'), encoding='utf-8') as f:
-    os_source = f.read()
-  index = sorted(train_paths).index('os.py') if 'os.py' in train_paths else None
-  if index is not None:
-    assert train[index]['text'].decode('utf-8') == os_source
+    assert texts['train' if 'os.py' in train_paths else 'validation']['os.py'] == f.read()
   batch = next(data.make_train_iterator(stdlib_config))
   assert batch['inputs'].shape == (BATCH, SEQ_LEN)
 
@@ -338,8 +340,7 @@ def test_any_prepared_tfds_dataset_by_name(tmp_path):
   data.ensure_prepared(config)
   batch = next(data.make_train_iterator(config))
   assert batch['inputs'].shape == (BATCH, SEQ_LEN) and batch['weights'].all()
-  assert 'toy sentence number' in tokenizers.ByteTokenizer().decode(batch['inputs'][0]) + \
-      tokenizers.ByteTokenizer().decode(batch['inputs'][1])
+  assert 'toy sentence number' in tokenizers.ByteTokenizer().decode(batch['inputs'].ravel())
   assert len(list(data.make_eval_iterator(config, num_batches=0))) >= 1
   config.data.eval_split = 'validation'
   with pytest.raises(ValueError, match=r"Split 'validation'.*\['test', 'train'\]"):
@@ -498,3 +499,20 @@ def test_eval_sharded_by_rows(config):
   for batch, a, b in zip(whole, *parts):
     for key in batch:
       np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), batch[key])
+
+
+def test_worker_processes_give_the_same_batches(config):
+  expected = _take(data.make_train_iterator(config), 12)
+  config.data.worker_count = 1
+  iterator = data.make_train_iterator(config)
+  try:
+    _assert_same_batches(_take(iterator, 5), expected[:5])
+    state = json.loads(json.dumps(iterator.get_state()))
+  finally:
+    iterator.close()
+  restored = data.make_train_iterator(config)
+  try:
+    restored.set_state(state)
+    _assert_same_batches(_take(restored, 7), expected[5:])
+  finally:
+    restored.close()

@@ -46,7 +46,8 @@ def validate(data_config) -> None:
     raise ValueError(f'data.eval_fraction={fraction!r}; expected a number in (0, 1).')
   if data_config.dataset == 'text_files':
     if not data_config.text_glob:
-      raise ValueError("data.text_glob='' but data.dataset='text_files' needs a glob of text files.")
+      raise ValueError(
+          "data.text_glob='' but data.dataset='text_files' needs a glob of text files.")
     _, rel_paths = builders.expand_glob(data_config.text_glob)
     if len(rel_paths) < 2:
       raise ValueError(

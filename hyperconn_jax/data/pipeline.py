@@ -15,10 +15,11 @@ Eval (finite, deterministic, restarts from the beginning on every call):
   documents in stored order -> tokenize -> concatenate and split (the last sequence padded) ->
   global batches of train.batch_size rows (the last one padded with zero-weight rows) -> rows
   [process_index * b, (process_index + 1) * b) of each, b = train.batch_size / process_count.
-  Unlike train, eval splits by rows: every process yields the same number of batches and the union
-  of their rows is exactly what a single process sees, so eval metrics do not depend on the number
-  of processes. Each process tokenizes the eval stream up to the batches it yields (the eval
-  split is small, or limited by num_batches).
+  Eval reads in this process (data.worker_count only applies to training). Unlike train, it splits
+  by rows: every process yields the same number of batches and the union of their rows is exactly
+  what a single process sees, so eval metrics do not depend on the number of processes. Each
+  process tokenizes the eval stream up to the batches it yields (the eval split is small, or
+  limited by num_batches).
 
 Batches are dicts of numpy arrays: 'inputs' int32 [b, seq_len], 'targets' int32 [b, seq_len]
 (inputs shifted by one token), 'weights' float32 [b, seq_len] (0 on padding).
@@ -202,7 +203,7 @@ def make_train_iterator(config, *, process_index: int = 0,
 
 
 class _PadAndShard:
-  """Stacks up to a global batch of examples, pads it with zero-weight rows, keeps this process's."""
+  """Stacks up to a global batch of examples, pads it with zero-weight rows, keeps our rows."""
 
   def __init__(self, global_batch: int, process_index: int, local_batch: int):
     self._global_batch = global_batch

@@ -17,6 +17,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from hyperconn_jax.data import builders
+from hyperconn_jax.data import checks
 
 PREPARED_HERE = ('stdlib', 'text_files')
 
@@ -36,7 +37,8 @@ def prepare_command(data_config) -> str:
   if data_config.dataset == 'text_files':
     return (f"python -m hyperconn_jax.data.prepare --dataset=text_files "
             f"--text_glob='{data_config.text_glob}' --data_dir={data_dir}")
-  return f'python -m hyperconn_jax.data.prepare --dataset={data_config.dataset} --data_dir={data_dir}'
+  return (f'python -m hyperconn_jax.data.prepare --dataset={data_config.dataset} '
+          f'--data_dir={data_dir}')
 
 
 def builder(data_config) -> tfds.core.DatasetBuilder:
@@ -69,8 +71,9 @@ def prepare(dataset_builder: tfds.core.DatasetBuilder) -> None:
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   except OSError:
     # Another process renamed its copy into place first; theirs is as good as ours.
-    again = type(dataset_builder)(config=dataset_builder.builder_config,
-                                  data_dir=dataset_builder.data_dir_root, file_format='array_record')
+    again = type(dataset_builder)(
+        config=dataset_builder.builder_config, data_dir=dataset_builder.data_dir_root,
+        file_format='array_record')
     if not again.is_prepared():
       raise
 
@@ -81,10 +84,11 @@ def ensure_prepared(config) -> None:
   Prepares 'stdlib' and 'text_files' if needed (seconds; no download).
 
   Raises:
-    ValueError: any other dataset that is not prepared (the message gives the command that
-      prepares it), or one prepared in a format tfds.data_source cannot read.
+    ValueError: a bad config.data value, any other dataset that is not prepared (the message gives
+      the command that prepares it), or one prepared in a format tfds.data_source cannot read.
   """
   data_config = config.data
+  checks.validate(data_config)
   data_dir = resolve_data_dir(data_config)
   dataset_builder = builder(data_config)
   if data_config.dataset in PREPARED_HERE:

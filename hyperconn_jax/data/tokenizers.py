@@ -33,7 +33,7 @@ class Tokenizer(abc.ABC):
 
 
 class ByteTokenizer(Tokenizer):
-  """UTF-8 bytes as ids 0..255; id 0 (the NUL byte) ends a document, NUL bytes in text are dropped."""
+  """UTF-8 bytes as ids 0..255; id 0 (NUL) ends a document, NUL bytes in the text are dropped."""
 
   vocab_size = 256
   eos_id = 0
@@ -95,7 +95,7 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def get_tokenizer(data_config) -> Tokenizer:
-  """Returns the tokenizer named by data.tokenizer ('bytes' | 'sentencepiece' with data.spm_path)."""
+  """Returns the tokenizer of data.tokenizer ('bytes' | 'sentencepiece' with data.spm_path)."""
   if data_config.tokenizer == 'bytes':
     return ByteTokenizer()
   if data_config.tokenizer == 'sentencepiece':
