@@ -145,8 +145,9 @@ class DecoderLM(nnx.Module):
       block_fn = nnx.remat(block_fn, policy=policy)
 
     if self.scan_layers:
-      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      # No transform_metadata here: nothing in the body reads sharding metadata, and flax 0.12.8
+      # cannot remove the 'layers' name from scalars (out_sharding=()), which vmap never added.
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
       def scan_fn(block, x_BxLxNxD):
         return block_fn(block, x_BxLxNxD)
       return scan_fn(self.blocks, x_BxLxNxD)

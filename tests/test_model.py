@@ -1,0 +1,194 @@
+"""Tests of the decoder LM: init equivalence of every connection kind with Pre-Norm, causality,
+scan == Python loop, remat == no remat, gradient reach, parameter counts, validation, bf16."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+from configs import base
+from hyperconn_jax import connections, models, params
+from hyperconn_jax.models import decoder, sizes
+
+B, L, V = 2, 8, 64
+
+
+def tiny_config(kind='residual_prenorm', **connection):
+  """A tiny fp32 model: d 32, 2 layers of 2 heads x 16, SwiGLU 64, vocab 64."""
+  c = base.get_config().model
+  c.update(dict(vocab_size=V, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64))
+  c.connection.kind = kind
+  if kind in ('hc', 'frac') and not connection.get('dynamic', True):
+    connection.setdefault('tanh', False)  # tanh acts on the dynamic branch only.
+  c.connection.update(connection)
+  return c
+
+
+def tokens(seed=0):
+  return jax.random.randint(jax.random.key(seed), (B, L), 0, V)
+
+
+def flat_params(model):
+  return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
+
+
+def set_flat_params(model, flat):
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
+  nnx.update(model, state)
+
+
+def is_connection_path(path):
+  return any(k in decoder.CONNECTION_ATTRS for k in path)
+
+
+def copy_sublayer_weights(src, dst):
+  """Copies embedding / attention / MLP / norm weights of src into dst; returns the copied paths.
+  Every parameter of dst outside its connection modules must have a counterpart in src."""
+  src_flat, dst_flat = flat_params(src), flat_params(dst)
+  shared = [k for k in dst_flat if not is_connection_path(k)]
+  assert shared and all(k in src_flat for k in shared)
+  set_flat_params(dst, {**dst_flat, **{k: src_flat[k] for k in shared}})
+  return shared
+
+
+def perturb(model, seed=1, scale=0.05):
+  """Adds noise to every parameter, so that zero-initialised HC weights become active."""
+  flat = flat_params(model)
+  keys = jax.random.split(jax.random.key(seed), len(flat))
+  set_flat_params(model, {k: v + scale * jax.random.normal(r, v.shape, v.dtype)
+                          for r, (k, v) in zip(keys, flat.items())})
+
+
+def rel_err(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+# (kind, connection options, tolerance of the init equivalence with Pre-Norm).
+# HC and Frac start exactly at Pre-Norm (HC Eq. 14, FC Eq. 15): fp32 rounding only.
+HC_VARIANTS = [('hc', dict(n=n, dynamic=dyn), 1e-5) for n in (1, 2, 4, 8) for dyn in (False, True)]
+FRAC_VARIANTS = [('frac', dict(m=m, dynamic=dyn), 1e-5) for m in (1, 2, 4, 8)
+                 for dyn in (False, True)]
+# mHC starts near Pre-Norm: H_res is a Sinkhorn projection (doubly stochastic to the precision of
+# 20 iterations), so identical streams stay identical up to that precision.
+# n = 1 needs a fixed H_pre (= 1): a learned one starts at logit(1/n), infinite for n = 1.
+MHC_VARIANTS = [('mhc', dict(n=n, res_init=r), 1e-4) for n in (2, 4, 8)
+                for r in ('identity', 'uniform')]
+MHC_VARIANTS += [('mhc', dict(n=1, mappings=('post', 'res')), 1e-4)]
+ALL_VARIANTS = HC_VARIANTS + FRAC_VARIANTS + MHC_VARIANTS
+
+
+def variant_id(v):
+  kind, opts, _ = v
+  return kind + '-' + '-'.join(f'{k}{v}' for k, v in opts.items())
+
+
+@pytest.mark.parametrize('variant', ALL_VARIANTS, ids=variant_id)
+def test_init_equals_prenorm(variant):
+  kind, opts, tol = variant
+  # HC sums n identical streams, so the final norm sees n * h: its eps then counts n^2 times less
+  # relative to the variance. A negligible eps makes both norms scale-invariant, so the comparison
+  # measures the connections and not the eps.
+  ref_cfg = tiny_config()
+  ref_cfg.norm_eps, ref_cfg.scan_layers = 1e-12, False
+  cfg = tiny_config(kind, **opts)
+  cfg.norm_eps, cfg.scan_layers = 1e-12, False
+  ref = models.build_model(ref_cfg, nnx.Rngs(0))
+  model = models.build_model(cfg, nnx.Rngs(1))
+  copy_sublayer_weights(ref, model)
+  tok = tokens()
+  ref_logits = ref(tok)
+  logits = model(tok)
+  assert logits.dtype == jnp.float32 and logits.shape == (B, L, V)
+  assert rel_err(logits, ref_logits) < tol
+  # Not vacuous: a model whose sub-layer weights differ gives different logits.
+  assert rel_err(models.build_model(cfg, nnx.Rngs(1))(tok), ref_logits) > 1e-2
+
+
+@pytest.mark.parametrize('kind, opts', [('hc', dict(n=4, dynamic=True)),
+                                        ('mhc', dict(n=4))], ids=['hc', 'mhc'])
+def test_causal_through_gradients(kind, opts):
+  cfg = tiny_config(kind, **opts)
+  model = models.build_model(cfg, nnx.Rngs(0))
+  perturb(model)  # Makes the dynamic coefficients depend on the token.
+  h_BxLxD = model.embed(tokens())
+  w_BxV = jax.random.normal(jax.random.key(2), (B, V))
+  for t in (0, 3, L - 1):
+    def loss(m, h):
+      return jnp.sum(m.logits_from_embeddings(h)[:, t] * w_BxV)
+    g_BxLxD = nnx.grad(loss, argnums=1)(model, h_BxLxD)
+    norm_L = jnp.sqrt(jnp.sum(jnp.square(g_BxLxD), axis=(0, 2)))
+    assert np.all(np.asarray(norm_L[t + 1:]) == 0), (t, norm_L)
+    assert np.all(np.asarray(norm_L[:t + 1]) > 0), (t, norm_L)
+
+
+def test_scan_equals_python_loop():
+  cfg = tiny_config('hc', n=4, dynamic=True)
+  scanned = models.build_model(cfg, nnx.Rngs(0))
+  perturb(scanned)
+  loop_cfg = tiny_config('hc', n=4, dynamic=True)
+  loop_cfg.scan_layers = False
+  loop = models.build_model(loop_cfg, nnx.Rngs(5))
+  assert not loop.scan_layers and scanned.scan_layers
+  decoder.copy_weights(scanned, loop)
+  tok = tokens()
+  logits_s, hidden_s = scanned(tok, return_hidden=True)
+  logits_l, hidden_l = loop(tok, return_hidden=True)
+  assert hidden_s.shape == (cfg.num_layers, 2, B, L, cfg.d_model)
+  assert rel_err(logits_l, logits_s) < 1e-5
+  assert rel_err(hidden_l, hidden_s) < 1e-5
+  # Per-layer HC static init differs between layers (sub-layer index drives A_m's home stream).
+  alpha = nnx.state(scanned)['blocks']['attn_connection']['static_alpha'][...]
+  assert not np.allclose(alpha[0], alpha[1])
+  # And back: loop -> scanned reproduces the original parameters exactly.
+  back = models.build_model(cfg, nnx.Rngs(7))
+  decoder.copy_weights(loop, back)
+  for k, v in flat_params(scanned).items():
+    np.testing.assert_array_equal(flat_params(back)[k], v)
+
+
+def _loss_and_grads(model, tok):
+  def loss_fn(m):
+    logits = m(tok)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]),
+                                         tok[:, 1:, None], axis=-1))
+  return nnx.jit(nnx.value_and_grad(loss_fn))(model)
+
+
+def _has_remat(model, tok):
+  graphdef, state = nnx.split(model)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda s: nnx.merge(graphdef, s)(tok).sum()))(state)
+  return re.search(r'\b(remat\w*|checkpoint)\[', str(jaxpr)) is not None
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch', 'save_streams'])
+def test_remat_equals_no_remat(policy):
+  plain_cfg = tiny_config('hc', n=2, dynamic=True)
+  remat_cfg = tiny_config('hc', n=2, dynamic=True)
+  remat_cfg.remat_policy = policy
+  assert plain_cfg.remat_policy == 'none' and remat_cfg.remat_policy != plain_cfg.remat_policy
+  plain = models.build_model(plain_cfg, nnx.Rngs(0))
+  perturb(plain)
+  remat = models.build_model(remat_cfg, nnx.Rngs(3))
+  decoder.copy_weights(plain, remat)
+  tok = tokens()
+  # The policy is really applied: the differentiated program contains a remat region.
+  assert _has_remat(remat, tok) and not _has_remat(plain, tok)
+  loss_p, grads_p = _loss_and_grads(plain, tok)
+  loss_r, grads_r = _loss_and_grads(remat, tok)
+  np.testing.assert_allclose(loss_r, loss_p, rtol=1e-6)
+  for k, g in traverse_util.flatten_dict(nnx.to_pure_dict(grads_p)).items():
+    gr = traverse_util.flatten_dict(nnx.to_pure_dict(grads_r))[k]
+    np.testing.assert_allclose(gr, g, rtol=1e-5, atol=1e-7, err_msg=str(k))
+
+
+def test_unknown_remat_policy_raises():
+  cfg = tiny_config()
+  cfg.remat_policy = 'everything'
+  with pytest.raises(ValueError, match='model.remat_policy'):
+    decoder.remat_policy(cfg.remat_policy)
+  with pytest.raises(ValueError, match='model.remat_policy'):
+    models.build_model(cfg, nnx.Rngs(0))
