@@ -309,7 +309,8 @@ def test_missing_tfds_dataset_gives_prepare_command(tmp_path):
     assert f'tfds build lm1b --data_dir={tmp_path} --file_format=array_record' in message
   assert not os.listdir(tmp_path)  # nothing downloaded or created
   config.data.dataset = 'no_such_dataset_xyz'
-  with pytest.raises(ValueError, match="data.dataset='no_such_dataset_xyz' is neither"):
+  with pytest.raises(ValueError, match=r"data.dataset='no_such_dataset_xyz' is not prepared(.|\n)*"
+                     r'tfds build no_such_dataset_xyz --data_dir='):
     data.ensure_prepared(config)
 
 
@@ -331,12 +332,19 @@ class ToyLm(tfds.core.GeneratorBasedBuilder):
       yield i, {'sentence': f'toy sentence number {i} ' * 3}
 
 
-def test_any_prepared_tfds_dataset_by_name(tmp_path):
-  ToyLm(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+class UnregisteredLm(ToyLm, skip_registration=True):
+  """A dataset prepared elsewhere (e.g. c4 with TensorFlow): only its files are known here."""
+
+
+@pytest.mark.parametrize('builder_cls', [ToyLm, UnregisteredLm])
+def test_any_prepared_tfds_dataset_by_name(tmp_path, builder_cls):
+  builder_cls(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
   config = base.get_config()
-  config.data.update(dataset='toy_lm', data_dir=str(tmp_path), seq_len=SEQ_LEN,
+  config.data.update(dataset=builder_cls.name, data_dir=str(tmp_path), seq_len=SEQ_LEN,
                      text_key='sentence', eval_split='test')
   config.train.batch_size = BATCH
+  # Registered builders are used as such; otherwise tfds reads the prepared files alone.
+  assert isinstance(sources.builder(config.data), builder_cls) == (builder_cls is ToyLm)
   data.ensure_prepared(config)
   batch = next(data.make_train_iterator(config))
   assert batch['inputs'].shape == (BATCH, SEQ_LEN) and batch['weights'].all()

@@ -39,7 +39,16 @@ def main(argv=None) -> None:
   data_dir = sources.resolve_data_dir(config.data)
   start = time.time()
   if args.dataset not in sources.PREPARED_HERE:
-    sources.builder(config.data).download_and_prepare(file_format='array_record')
+    try:
+      sources.builder(config.data).download_and_prepare(file_format='array_record')
+    except ModuleNotFoundError as e:
+      # TFDS's own builders need importlib_resources (tensorflow-datasets 4.9.10 only declares it
+      # for Python < 3.9), and some need TensorFlow or apache-beam to generate.
+      raise SystemExit(
+          f'Preparing {args.dataset} needs the Python package {e.name!r}: pip install {e.name}. '
+          'Or prepare it on a machine with TensorFlow:\n'
+          f'  tfds build {args.dataset} --data_dir={data_dir} --file_format=array_record\n'
+          f'and copy {data_dir} here.') from e
   sources.ensure_prepared(config)
   print(f'{args.dataset} is prepared in {data_dir} ({time.time() - start:.1f} s).')
 

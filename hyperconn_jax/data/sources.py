@@ -54,10 +54,14 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
         data_dir=data_dir, file_format='array_record')
   try:
     return tfds.builder(data_config.dataset, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
+  except ValueError as e:  # DatasetNotFoundError or an unparsable name
+    reason = str(e).splitlines()[0]
     raise ValueError(
-        f'data.dataset={data_config.dataset!r} is neither a TFDS dataset nor prepared in '
-        f"{data_dir}; use 'stdlib', 'text_files' or a TFDS name such as 'lm1b'.") from None
+        f'data.dataset={data_config.dataset!r} is not prepared in data.data_dir={data_dir!r} and '
+        f'tfds cannot build it here ({reason} Without TensorFlow only some TFDS builders can be '
+        'imported). Prepare it on a machine with TensorFlow:\n'
+        f'  tfds build {data_config.dataset} --data_dir={data_dir} --file_format=array_record\n'
+        "and copy the directory here, or use data.dataset='stdlib' / 'text_files'.") from None
 
 
 def prepare(dataset_builder: tfds.core.DatasetBuilder) -> None:
