@@ -30,7 +30,10 @@ import tensorflow_datasets as tfds
 # no source.
 _NOT_STDLIB = frozenset({'site-packages', 'dist-packages', '__pycache__'})
 
-_FEATURES = {'text': tfds.features.Text(), 'path': tfds.features.Text()}
+
+def _features() -> tfds.features.FeaturesDict:
+  """One example per file: its text and its path relative to the corpus root."""
+  return tfds.features.FeaturesDict({'text': tfds.features.Text(), 'path': tfds.features.Text()})
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -154,7 +157,7 @@ class PythonStdlib(_LocalBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description='Python standard library sources, byte-level language modelling corpus.',
-        features=tfds.features.FeaturesDict(_FEATURES),
+        features=_features(),
         disable_shuffling=True,
         metadata=tfds.core.MetadataDict(
             python_version=python_version(), root=config.root,
@@ -220,7 +223,7 @@ class TextFiles(_LocalBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description='Text files matched by a glob.',
-        features=tfds.features.FeaturesDict(_FEATURES),
+        features=_features(),
         disable_shuffling=True,
         metadata=tfds.core.MetadataDict(
             text_glob=config.text_glob, eval_fraction=config.eval_fraction))
