@@ -80,15 +80,20 @@ class Progress:
   def __init__(self, *, enabled: bool, start_step: int, num_steps: int):
     self._bar = (tqdm.tqdm(total=num_steps, initial=start_step, unit='step', dynamic_ncols=True,
                            file=sys.stderr) if enabled else None)
-    self._last_time = time.perf_counter()
+    self._last_time = self._last_update = time.perf_counter()
     self._tokens = 0.0
+    self._rate = None
 
   def update(self, step: int, loss: float, tokens: float) -> None:
-    """Advances the bar to `step` and shows the loss of that step."""
+    """Advances the bar to `step`, showing the loss of that step and a smoothed tokens/s."""
+    now = time.perf_counter()
+    rate = tokens / max(now - self._last_update, 1e-9)
+    self._rate = rate if self._rate is None else 0.9 * self._rate + 0.1 * rate
+    self._last_update = now
     self._tokens += tokens
     if self._bar is not None:
       self._bar.n = step
-      self._bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
+      self._bar.set_postfix(loss=f'{loss:.4f}', tok_per_s=f'{self._rate:.4g}', refresh=False)
       self._bar.refresh()
 
   def tokens_per_second(self) -> float:

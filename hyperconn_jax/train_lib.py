@@ -106,11 +106,18 @@ def _path_suffix_shardings(abstract_opt_state: PyTree, abstract_params: PyTree,
   return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
+def abstract_model_state(model_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
+                         ) -> tuple[nnx.GraphDef, PyTree, nnx.State]:
+  """The model's graphdef, its abstract pure state {'params', 'rest'} (ShapeDtypeStructs with
+  shardings on `mesh`: a restore target) and the typed abstract parameters (for the decay mask)."""
+  graphdef, abstract_state = sharding.abstract_model(model_config, mesh, rules)
+  typed_params, typed_rest = nnx.split_state(abstract_state, nnx.Param, ...)
+  return graphdef, {'params': nnx.as_pure(typed_params), 'rest': nnx.as_pure(typed_rest)}, typed_params
+
+
 def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Setup:
   """Builds the abstract model, optimizer and all shardings (allocates no parameters)."""
-  graphdef, abstract_state = sharding.abstract_model(config.model, mesh, rules)
-  typed_params, typed_rest = abstract_state.split(nnx.Param, ...)
-  abstract_model = {'params': nnx.as_pure(typed_params), 'rest': nnx.as_pure(typed_rest)}
+  graphdef, abstract_model, typed_params = abstract_model_state(config.model, mesh, rules)
   schedule = optim.make_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps,
                             optim.decay_mask(typed_params, config.optim.decay_embeddings))
@@ -168,8 +175,8 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup):
     metrics = {
         'loss': sums['ce'] / denom,
         'z_loss': sums['z'] / denom,
-        'grad_norm': optax.global_norm(grads),
-        'param_norm': optax.global_norm(params),
+        'grad_norm': optax.tree.norm(grads),
+        'param_norm': optax.tree.norm(params),
         'lr': schedule(state.step),
         'tokens': sums['weight'],
     }

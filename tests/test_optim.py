@@ -1,0 +1,155 @@
+"""Optimizer: weight-decay mask by parameter kind, schedules, gradient accumulation, frozen HC."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base
+from hyperconn_jax import models, optim, params, sharding, train_lib
+
+
+def model_config(**connection):
+  """A tiny model with every parameter kind: RMSNorm scales, embeddings, dynamic HC, kernels."""
+  c = base.get_config().model
+  c.update(vocab_size=64, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64,
+           norm='rmsnorm')
+  c.connection.update(kind='hc', n=2, dynamic=True, dynamic_norm='rmsnorm',
+                      dynamic_norm_affine=True, **connection)
+  return c
+
+
+def typed_leaves(state):
+  return jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@pytest.mark.parametrize('decay_embeddings', [False, True])
+def test_decay_mask_by_type(decay_embeddings):
+  model = models.build_model(model_config(), nnx.Rngs(0))
+  _, typed_params, _ = nnx.split(model, nnx.Param, ...)
+  mask = optim.decay_mask(typed_params, decay_embeddings)
+  # The mask has the structure of the pure parameters, as optax needs.
+  assert jax.tree.structure(mask) == jax.tree.structure(nnx.as_pure(typed_params))
+  seen = {}
+  for (path, variable), decayed in zip(typed_leaves(typed_params), jax.tree.leaves(mask)):
+    kind = type(variable)
+    seen.setdefault(kind, set()).add(decayed)
+    del path
+  assert seen[params.NormScale] == {False}
+  assert seen[params.HCStatic] == {False}
+  assert seen[params.Embedding] == {decay_embeddings}
+  assert seen[params.HCDynamic] == {True}
+  assert seen[nnx.Param] == {True}  # Attention / MLP kernels.
+
+
+def test_adamw_decays_only_masked_parameters():
+  """With zero gradients, only decayed parameters move (by -lr * wd * p)."""
+  model = models.build_model(model_config(), nnx.Rngs(0))
+  _, typed_params, _ = nnx.split(model, nnx.Param, ...)
+  pure = nnx.as_pure(typed_params)
+  cfg = base.get_config().optim
+  cfg.update(schedule='constant', warmup_steps=0, lr=0.1, weight_decay=0.5, grad_clip=0.0)
+  mask = optim.decay_mask(typed_params, False)
+  tx = optim.make_optimizer(cfg, 10, mask)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, pure), tx.init(pure), pure)
+  for u, p, m in zip(jax.tree.leaves(updates), jax.tree.leaves(pure), jax.tree.leaves(mask)):
+    np.testing.assert_allclose(u, -0.1 * 0.5 * p if m else np.zeros_like(p), rtol=1e-6)
+
+
+def schedule_values(steps, **optim_fields):
+  cfg = base.get_config().optim
+  cfg.update(lr=1.0, **optim_fields)
+  schedule = optim.make_schedule(cfg, 100)
+  return [float(schedule(s)) for s in steps]
+
+
+def test_cosine_schedule():
+  values = schedule_values([0, 9, 10, 55, 100], schedule='cosine', warmup_steps=10,
+                           final_lr_frac=0.1)
+  np.testing.assert_allclose(values[:3], [0.1, 1.0, 1.0], rtol=1e-6)
+  # Halfway through the cosine phase: the mean of peak and final.
+  np.testing.assert_allclose(values[3], 0.55, rtol=1e-5)
+  np.testing.assert_allclose(values[4], 0.1, rtol=1e-6)
+
+
+def test_constant_schedule():
+  np.testing.assert_allclose(schedule_values([0, 4, 5, 99], schedule='constant', warmup_steps=5),
+                             [0.2, 1.0, 1.0, 1.0], rtol=1e-6)
+
+
+def test_step_schedule_factors_relative_to_peak():
+  values = schedule_values([3, 20, 79, 80, 89, 90, 99], schedule='step', warmup_steps=4,
+                           step_fracs=(0.8, 0.9), step_factors=(0.316, 0.1))
+  np.testing.assert_allclose(values, [1.0, 1.0, 1.0, 0.316, 0.316, 0.1, 0.1], rtol=1e-6)
+
+
+def test_z_loss_term():
+  logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
+  targets = jnp.array([[0, 1, 2], [3, 4, 0]])
+  weights = jnp.array([[1., 1., 0.], [1., 0., 1.]])
+  sums = optim.lm_loss_sums(logits, targets, weights, 0.5)
+  lse = jax.nn.logsumexp(logits, -1)
+  ce = lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(sums['ce'], jnp.sum(weights * ce), rtol=1e-6)
+  np.testing.assert_allclose(sums['objective'], jnp.sum(weights * (ce + 0.5 * lse ** 2)), rtol=1e-6)
+  assert float(sums['weight']) == 4.0
+
+
+def test_grad_accumulation_equals_big_batch():
+  config = model_config()
+  model = models.build_model(config, nnx.Rngs(0))
+  graphdef, typed_params, rest = nnx.split(model, nnx.Param, ...)
+  pure, rest = nnx.as_pure(typed_params), nnx.as_pure(rest)
+  rng = np.random.default_rng(0)
+  batch = {'inputs': jnp.asarray(rng.integers(0, 64, (8, 16)), jnp.int32),
+           'targets': jnp.asarray(rng.integers(0, 64, (8, 16)), jnp.int32),
+           # Uneven weights: per-microbatch means would differ from the big-batch mean.
+           'weights': jnp.asarray(rng.random((8, 16)) > 0.3, jnp.float32)}
+
+  def sums_fn(p, b):
+    logits = nnx.merge(graphdef, p, rest)(b['inputs'])
+    return optim.lm_loss_sums(logits, b['targets'], b['weights'], 1e-3)
+
+  sums1, grads1 = jax.jit(lambda p: optim.accumulated_grads(sums_fn, p, batch, 1))(pure)
+  sums4, grads4 = jax.jit(lambda p: optim.accumulated_grads(sums_fn, p, batch, 4))(pure)
+  for k in sums1:
+    np.testing.assert_allclose(sums4[k], sums1[k], rtol=1e-6)
+  for g1, g4 in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads4)):
+    np.testing.assert_allclose(g4 / sums4['weight'], g1 / sums1['weight'], atol=1e-6, rtol=1e-5)
+  assert any(float(jnp.abs(g).max()) > 1e-4 for g in jax.tree.leaves(grads1))
+
+
+def test_frozen_hc_unchanged_and_params_move():
+  config = base.get_config()
+  config.model = model_config(train_width=False)
+  config.optim.update(warmup_steps=0, lr=1e-2)
+  config.train.batch_size = 8
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
+  with sharding.activate(mesh, rules):
+    setup = train_lib.make_setup(config, mesh, rules)
+    state = train_lib.init_state(config, setup)
+    frozen_before = jax.device_get(state.rest)
+    params_before = jax.device_get(state.params)
+    assert any(isinstance(v, params.HCFrozen) for _, v in typed_leaves(
+        nnx.state(models.build_model(config.model, nnx.Rngs(0)))))
+    assert jax.tree.leaves(frozen_before), 'train_width=False should create HCFrozen variables'
+    rng = np.random.default_rng(0)
+    batch = {'inputs': rng.integers(0, 64, (8, 16)).astype(np.int32),
+             'targets': rng.integers(0, 64, (8, 16)).astype(np.int32),
+             'weights': np.ones((8, 16), np.float32)}
+    step = train_lib.make_train_step(config, setup)
+    # Two updates: the scales of the zero-initialised dynamic weights get gradients from the 2nd on.
+    for _ in range(2):
+      state, metrics = step(state, {k: jax.device_put(v, setup.batch_sharding)
+                                    for k, v in batch.items()})
+    assert math.isfinite(float(metrics['loss']))
+  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.device_get(state.rest))):
+    np.testing.assert_array_equal(a, b)
+  moved = {jax.tree_util.keystr(path): not np.array_equal(a, b) for (path, a), b in
+           zip(jax.tree_util.tree_leaves_with_path(params_before),
+               jax.tree.leaves(jax.device_get(state.params)))}
+  assert all(moved.values()), [k for k, m in moved.items() if not m]

@@ -1,0 +1,46 @@
+"""Trains a hyperconn_jax model; re-running with the same --workdir resumes from its latest checkpoint.
+
+  python train.py --config=configs/default.py --workdir=workdirs/run1
+  python train.py --config=configs/lm.py:ARGS --config.train.num_steps=2000 --workdir=DIR
+
+Multi-process (e.g. a TPU pod): run the same command on every host; jax.distributed is initialised
+from the cluster environment, or from --coordinator_address / --num_processes / --process_id.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from hyperconn_jax import distributed
+
+_REPO = os.path.dirname(os.path.abspath(__file__))
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', default=os.path.join(_REPO, 'configs', 'default.py'),
+    help_string='Config file (path.py or path.py:ARGS); override fields with --config.a.b=v.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', os.path.join(_REPO, 'workdirs', 'default'),
+    'Output directory: checkpoints/, metrics.jsonl, tensorboard/, config.json.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', '', "Multi-process: 'host:port' of process 0 ('' = auto-detect).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', 0, 'Multi-process: number of processes (0 = auto-detect).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', -1, 'Multi-process: index of this process (-1 = auto-detect).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  # Imported after distributed initialisation: nothing may touch the JAX backend before it.
+  from hyperconn_jax import config_lib, train_lib  # pylint: disable=g-import-not-at-top
+  config_lib.validate(_CONFIG.value)
+  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
