@@ -114,7 +114,8 @@ def ref_hc_coefficients(x, module, config):
 
 
 def ref_hc(x, module, config, branch):
-  """HC Algorithm 2: h_0 = sum_i alpha_i0 h_i, h'_j = sum_i alpha_i(1+j) h_i, out_j = beta_j T(h_0) + h'_j."""
+  """HC Algorithm 2: h_0 = sum_i alpha_i0 h_i, h'_j = sum_i alpha_i(1+j) h_i,
+  out_j = beta_j T(h_0) + h'_j."""
   alpha, beta = ref_hc_coefficients(x, module, config)
   nb, nl, n, _ = x.shape
   out = np.zeros_like(x)
@@ -128,7 +129,8 @@ def ref_hc(x, module, config, branch):
 
 
 def ref_frac(x, module, config, branch):
-  """FC Eq. 8 / Alg. 2-3: T input = concat_k sum_i Y_ik h_i; out_j = beta_j T(.)_j + sum_i A_ij h_i."""
+  """FC Eq. 8 / Alg. 2-3: T input = concat_k sum_i Y_ik h_i;
+  out_j = beta_j T(.)_j + sum_i A_ij h_i."""
   alpha, beta = ref_hc_coefficients(x, module, config)
   nb, nl, m, _ = x.shape
   out = np.zeros_like(x)
@@ -154,7 +156,8 @@ def ref_sinkhorn(logits, iters, eps):
 
 
 def ref_mhc_coefficients(x, module, config):
-  """mHC Eqs. 7-8 per token: H_pre [B,L,n], H_post [B,L,n], H_res [B,L,n,n] (fixed if not learned)."""
+  """mHC Eqs. 7-8 per token: H_pre [B,L,n], H_post [B,L,n], H_res [B,L,n,n] (fixed ones if
+  not learned)."""
   nb, nl, n, d = x.shape
   learned = [name for name in ('pre', 'post', 'res') if name in config.mappings]
   sizes = {'pre': n, 'post': n, 'res': n * n}
@@ -744,8 +747,10 @@ def test_bfloat16_streams_float32_coefficients(kind, overrides, ref, ref_coeffic
   np.testing.assert_allclose(out.astype(jnp.float32), want, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize('kind,overrides', [('hc', dict(n=4)), ('hc', dict(dynamic=False, tanh=False)),
-                                            ('mhc', dict(n=4, reduce='head')), ('frac', dict(m=2))])
+@pytest.mark.parametrize('kind,overrides', [
+    ('hc', dict(n=4)), ('hc', dict(dynamic=False, tanh=False)),
+    ('mhc', dict(n=4, reduce='head')), ('frac', dict(m=2)),
+])
 def test_jit_matches_eager(kind, overrides):
   d = 8
   config = make_config(kind, **overrides)

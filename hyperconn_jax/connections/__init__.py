@@ -1,12 +1,16 @@
 """The connection library: every residual variant behind one interface.
 
 Per model there is one `Streams` module (from `build_streams`) with two verbs:
-  expand(h_BxLxD) -> x_BxLxNxD   (residual: N = 1; hc / mhc: N = n copies; frac: N = m fractions of D/m)
-  reduce(x_BxLxNxD) -> h_BxLxD   (before the final norm)
+  expand(h_BxLxD) -> x_BxLxNxD   (residual: N = 1; hc / mhc: a broadcast to N = n copies;
+                                  frac: N = m fractions, the last axis D/m)
+  reduce(x_BxLxNxD) -> h_BxLxD   (before the final norm; hc: sum; mhc: sum or learned head;
+                                  frac: concatenation)
 and per sub-layer (attention, FFN, MoE) one connection module (from `build_connection`):
   connection(x_BxLxNxD, branch) -> x_BxLxNxD
 where `branch` maps y_BxLxD -> y_BxLxD. The branch owns its pre-norm (HC paper: T := T o Norm) when
-`connection.branch_prenorm` is True; only `residual_postnorm` sets it False and normalises after the add.
+`connection.branch_prenorm` is True; only `residual_postnorm` sets it False and normalises after
+the add. The hc / mhc / frac connections also expose `coefficients(x_BxLxNxD)`, their float32
+mixing coefficients (hc / frac: alpha, beta; mhc: H_pre, H_post, H_res), for analysis.
 
 `config` below is `config.model.connection` (see configs/base.py for every field).
 """

@@ -48,8 +48,8 @@ def static_dynamic(config) -> None:
   """
   if not config.dynamic:
     if config.tanh:
-      fail('tanh', config.tanh,
-           'False when model.connection.dynamic is False (tanh acts on the dynamic projection only)')
+      fail('tanh', config.tanh, 'False when model.connection.dynamic is False '
+           '(tanh acts on the dynamic projection only)')
     return
   one_of(config, 'dynamic_norm', norms.NORM_KINDS)
   if config.dynamic_norm == 'none' and config.dynamic_norm_affine:

@@ -4,8 +4,8 @@ Per token, with streams H = (h_1 .. h_n) and HC matrix [[0, B], [A_m, A_r]]:
   Hbar = norm(H) per stream;  alpha = s_a * tanh(Hbar W_alpha) + [A_m | A_r];
   beta = s_b * tanh(Hbar W_beta) + B       (row i of alpha, entry i of beta: from h_i only)
   h_0 = sum_i alpha[i, 0] h_i;  h'_j = sum_i alpha[i, 1 + j] h_i;  out_j = beta_j T(h_0) + h'_j.
-Static HC keeps only the static terms. `HyperConnectionBase` holds these coefficients; Frac-Connections
-reuse it with fractions of the hidden state in place of streams.
+Static HC keeps only the static terms. `HyperConnectionBase` holds these coefficients;
+Frac-Connections reuse it with fractions of the hidden state in place of streams.
 """
 
 import jax

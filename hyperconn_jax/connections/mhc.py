@@ -155,8 +155,9 @@ class Connection(nnx.Module):
     if self.mappings:
       proj_BxLxK = _normed_projection(x_BxLxNxD, self.phi[...], self.eps)
       sizes = {'pre': n, 'post': n, 'res': n * n}
-      gates_K = jnp.concatenate([jnp.broadcast_to(getattr(self, f'gate_{name}')[...], (sizes[name],))
-                                 for name in self.mappings])
+      gates_K = jnp.concatenate(
+          [jnp.broadcast_to(getattr(self, f'gate_{name}')[...], (sizes[name],))
+           for name in self.mappings])
       logits_BxLxK = gates_K * proj_BxLxK + self.bias[...]
       start = 0
       for name in self.mappings:
