@@ -41,12 +41,6 @@ def remat_policy(name: str):
   return policies[name]
 
 
-def _out_proj_init_multiplier(connection_config) -> float:
-  # TODO(connections helper): drop the fallback once connections.out_proj_init_multiplier lands.
-  fn = getattr(connections, 'out_proj_init_multiplier', None)
-  return 1.0 if fn is None else fn(connection_config)
-
-
 class Block(nnx.Module):
   """Attention and MLP sub-layers, each wrapped by its own connection.
 
@@ -56,7 +50,7 @@ class Block(nnx.Module):
 
   def __init__(self, config, layer_index, *, rngs: nnx.Rngs):
     conn, d = config.connection, config.d_model
-    out_mult = _out_proj_init_multiplier(conn)
+    out_mult = connections.out_proj_init_multiplier(conn)
 
     def connection(sublayer_index):
       return connections.build_connection(conn, dim=d, sublayer_index=sublayer_index,
