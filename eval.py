@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 
 from hyperconn_jax import distributed
+from hyperconn_jax import metrics
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Working directory of a training run.',
                                required=True)
@@ -118,6 +119,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  metrics.quiet_library_logs()
   mesh_shape = None
   if _MESH_SHAPE.value:
     try:

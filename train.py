@@ -14,6 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from hyperconn_jax import distributed
+from hyperconn_jax import metrics
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,6 +37,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  metrics.quiet_library_logs()
   # Imported after distributed initialisation: nothing may touch the JAX backend before it.
   from hyperconn_jax import config_lib, train_lib  # pylint: disable=g-import-not-at-top
   config_lib.validate(_CONFIG.value)

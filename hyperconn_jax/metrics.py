@@ -5,6 +5,7 @@ On processes other than 0 every writer is a no-op, so callers never branch on th
 """
 
 import json
+import logging as std_logging
 import os
 import platform
 import sys
@@ -142,3 +143,21 @@ def log_run_start(workdir: str, config_json: dict[str, Any], facts: dict[str, An
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
       json.dump(config_json, f, indent=2)
+
+
+class _DropInfoFrom(std_logging.Filter):
+  """Drops log records below WARNING emitted from files under the given package directories."""
+
+  def __init__(self, packages: tuple[str, ...]):
+    super().__init__()
+    self._markers = tuple(f'{os.sep}{p}{os.sep}' for p in packages)
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        m in record.pathname for m in self._markers)
+
+
+def quiet_library_logs(packages: tuple[str, ...] = ('orbax',)) -> None:
+  """Hides the INFO chatter of `packages` (orbax logs ~40 lines per save) from absl's log output;
+  their warnings and errors still show."""
+  logging.get_absl_handler().addFilter(_DropInfoFrom(packages))

@@ -202,13 +202,19 @@ def check_finite(step: int, metrics: dict[str, float]) -> None:
 
 
 class _StopFlag:
-  """Set by SIGTERM (preemption): the loop saves the current step and returns."""
+  """Set by SIGTERM (preemption): the loop saves the current step and returns.
+
+  Single process only: a multi-process run must stop at the same step everywhere, which JAX's
+  preemption service (it owns SIGTERM there) and orbax's reached_preemption agree on.
+  """
 
   def __init__(self):
     self.set = False
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
     except ValueError:  # Not in the main thread: no handler, no preemption support.
@@ -223,6 +229,21 @@ class _StopFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def _count(tree: PyTree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = '') -> None:
+  """Logs a warning for each config field that differs from the checkpoint's config."""
+  for key in sorted(set(saved) | set(current)):
+    old, new = saved.get(key), current.get(key)
+    if isinstance(old, dict) and isinstance(new, dict):
+      _warn_config_changes(old, new, f'{prefix}{key}.')
+    elif old != new:
+      logging.warning('Resuming with config.%s%s=%r (the checkpoint was saved with %r).',
+                      prefix, key, new, old)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -255,6 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   with sharding.activate(mesh, rules):
     setup = make_setup(config, mesh, rules)
+    logging.info('Model: %s parameters, %s other variables.',
+                 f'{_count(setup.abstract_model["params"]):,}',
+                 f'{_count(setup.abstract_model["rest"]):,}')
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     train_iter = data.make_train_iterator(config, process_index=jax.process_index(),
                                           process_count=jax.process_count())
@@ -271,6 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           params=restored['model']['params'], rest=restored['model']['rest'],
           opt_state=restored['opt_state'])
       logging.info('Resumed from checkpoint step %d in %s.', start, ckpt.directory)
+      _warn_config_changes(ckpt.restore_json(start, 'config'), config_json)
     train_step = make_train_step(config, setup)
     evaluator = evaluation.Evaluator(config, setup.graphdef,
                                      {'params': setup.state_shardings.params,
