@@ -16,9 +16,8 @@ import math
 
 import jax
 from flax import nnx
+from flax.core import spmd
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
-
-from hyperconn_jax.models import build_model
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
@@ -112,6 +111,15 @@ def logical_to_spec(logical_axes, shape, mesh: jax.sharding.Mesh, rules) -> Part
   return PartitionSpec(*spec)
 
 
+def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
+  """Sharding constraint on an activation by logical names, when a mesh is set (jax.set_mesh)
+  and logical rules are active (see `activate`); the identity otherwise (single-device use)."""
+  mesh, rules = jax.sharding.get_abstract_mesh(), spmd.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
+
+
 def _variable_sharding(variable: nnx.Variable, mesh, rules) -> NamedSharding:
   value = variable.get_value()
   names = variable.get_metadata().get('out_sharding') or (None,) * len(value.shape)
@@ -121,6 +129,7 @@ def _variable_sharding(variable: nnx.Variable, mesh, rules) -> NamedSharding:
 def abstract_model(model_config, mesh: jax.sharding.Mesh, rules):
   """(graphdef, abstract_state) of the model: the state's leaves are ShapeDtypeStructs with
   NamedShardings on `mesh` (e.g. the restore target of a checkpoint). Allocates nothing."""
+  from hyperconn_jax.models import build_model  # Here: the models import this module.
   abstract = nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
 
@@ -140,6 +149,7 @@ def create_model(model_config, mesh: jax.sharding.Mesh, rules, seed: int):
 
   Gives the same parameter values as models.build_model(model_config, nnx.Rngs(seed)).
   """
+  from hyperconn_jax.models import build_model  # Here: the models import this module.
   graphdef, abstract_state = abstract_model(model_config, mesh, rules)
   shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
 

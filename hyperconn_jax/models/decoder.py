@@ -15,13 +15,17 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
-from hyperconn_jax import connections
+from hyperconn_jax import connections, sharding
 from hyperconn_jax.models import layers
 
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_streams')
 
 # Name of the tensors the 'save_streams' policy keeps: the stream state after every sub-layer.
 STREAMS_CHECKPOINT_NAME = 'streams'
+
+# Logical axes of the activations (applied only under sharding.activate).
+STREAMS_AXES = ('batch', 'length', 'streams', None)
+LOGITS_AXES = ('batch', 'length', 'vocab')
 
 # Attribute names of the modules that belong to the connection (used to split parameter counts).
 CONNECTION_ATTRS = ('streams', 'attn_connection', 'mlp_connection')
@@ -75,7 +79,8 @@ class Block(nnx.Module):
       def branch(h_BxLxD):
         branch_inputs.append(h_BxLxD)
         return layer(h_BxLxD if norm is None else norm(h_BxLxD))
-      return checkpoint_name(connection(x_BxLxNxD, branch), STREAMS_CHECKPOINT_NAME)
+      x_BxLxNxD = sharding.constrain(connection(x_BxLxNxD, branch), STREAMS_AXES)
+      return checkpoint_name(x_BxLxNxD, STREAMS_CHECKPOINT_NAME)
 
     x_BxLxNxD = sublayer(self.attn_connection, self.attn_norm, self.attn, x_BxLxNxD)
     x_BxLxNxD = sublayer(self.mlp_connection, self.mlp_norm, self.mlp, x_BxLxNxD)
@@ -119,7 +124,7 @@ class DecoderLM(nnx.Module):
 
   def logits_from_embeddings(self, h_BxLxD: jax.Array, return_hidden: bool = False):
     """Same as __call__ but starting from the token embeddings [B, L, D]."""
-    x_BxLxNxD = self.streams.expand(h_BxLxD.astype(self.dtype))
+    x_BxLxNxD = sharding.constrain(self.streams.expand(h_BxLxD.astype(self.dtype)), STREAMS_AXES)
     x_BxLxNxD, hidden = self._run_blocks(x_BxLxNxD, return_hidden)
     h_BxLxD = self.final_norm(self.streams.reduce(x_BxLxNxD))
     if self.unembed is None:
@@ -128,6 +133,7 @@ class DecoderLM(nnx.Module):
       logits_BxLxV = jnp.einsum('bld,dv->blv', h_BxLxD.astype(self.dtype),
                                 self.unembed[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
+    logits_BxLxV = sharding.constrain(logits_BxLxV, LOGITS_AXES)
     return (logits_BxLxV, hidden) if return_hidden else logits_BxLxV
 
   def _run_blocks(self, x_BxLxNxD: jax.Array, return_hidden: bool):
