@@ -280,40 +280,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  f'{_count(setup.abstract_model["params"]):,}',
                  f'{_count(setup.abstract_model["rest"]):,}')
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-    train_iter = data.make_train_iterator(config, process_index=jax.process_index(),
-                                          process_count=jax.process_count())
-    start = ckpt.latest_step()
-    if start is None:
-      state = init_state(config, setup)
-      start = 0
-      logging.info('Starting from scratch (seed %d).', config.seed)
-    else:
-      restored = ckpt.restore(start, model=setup.abstract_model,
-                              opt_state=setup.abstract_opt_state, data_iter=train_iter)
-      state = TrainState(
-          step=jax.device_put(jnp.asarray(start, jnp.int32), setup.state_shardings.step),
-          params=restored['model']['params'], rest=restored['model']['rest'],
-          opt_state=restored['opt_state'])
-      logging.info('Resumed from checkpoint step %d in %s.', start, ckpt.directory)
-      _warn_config_changes(ckpt.restore_json(start, 'config'), config_json)
-    train_step = make_train_step(config, setup)
-    evaluator = evaluation.Evaluator(config, setup.graphdef,
-                                     {'params': setup.state_shardings.params,
-                                      'rest': setup.state_shardings.rest},
-                                     setup.batch_sharding)
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_chief,
-                                      resume_step=start if start > 0 else None)
-    progress = metrics_lib.Progress(enabled=is_chief, start_step=start,
-                                    num_steps=config.train.num_steps)
+    writer = progress = None
     try:
+      train_iter = data.make_train_iterator(config, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+      start = ckpt.latest_step()
+      if start is None:
+        state = init_state(config, setup)
+        start = 0
+        logging.info('Starting from scratch (seed %d).', config.seed)
+      else:
+        restored = ckpt.restore(start, model=setup.abstract_model,
+                                opt_state=setup.abstract_opt_state, data_iter=train_iter)
+        state = TrainState(
+            step=jax.device_put(jnp.asarray(start, jnp.int32), setup.state_shardings.step),
+            params=restored['model']['params'], rest=restored['model']['rest'],
+            opt_state=restored['opt_state'])
+        logging.info('Resumed from checkpoint step %d in %s.', start, ckpt.directory)
+        _warn_config_changes(ckpt.restore_json(start, 'config'), config_json)
+      train_step = make_train_step(config, setup)
+      evaluator = evaluation.Evaluator(config, setup.graphdef,
+                                       {'params': setup.state_shardings.params,
+                                        'rest': setup.state_shardings.rest},
+                                       setup.batch_sharding)
+      writer = metrics_lib.MetricWriter(workdir, enabled=is_chief,
+                                        resume_step=start if start > 0 else None)
+      progress = metrics_lib.Progress(enabled=is_chief, start_step=start,
+                                      num_steps=config.train.num_steps)
       with _StopFlag() as stop:
         result = _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt,
                        writer, progress, stop)
     finally:
-      progress.close()
-      ckpt.wait()
+      if progress is not None:
+        progress.close()
+      ckpt.wait()  # Saves already started hold finite, checked states: let them finish.
       ckpt.close()
-      writer.close()
+      if writer is not None:
+        writer.close()
   return result
 
 
@@ -350,7 +353,8 @@ def _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt, 
     pending = (step, device_metrics)
 
     preempted = ckpt.reached_preemption(step) if multi_process else stop.set
-    do_eval = step % train_cfg.eval_every == 0 or step == num_steps
+    # On preemption time is short: save without evaluating.
+    do_eval = not preempted and (step % train_cfg.eval_every == 0 or step == num_steps)
     do_save = do_eval or step % train_cfg.checkpoint_every == 0 or preempted
     if not do_save:
       continue
