@@ -57,11 +57,16 @@ def copy_sublayer_weights(src, dst):
 
 
 def perturb(model, seed=1, scale=0.05):
-  """Adds noise to every parameter, so that zero-initialised HC weights become active."""
-  flat = flat_params(model)
-  keys = jax.random.split(jax.random.key(seed), len(flat))
-  set_flat_params(model, {k: v + scale * jax.random.normal(r, v.shape, v.dtype)
-                          for r, (k, v) in zip(keys, flat.items())})
+  """Adds pseudo-random noise to every parameter, so that zero-initialised HC weights become
+  active (a sine hash: cheaper to compile than one jax.random call per parameter)."""
+  @jax.jit
+  def noisy(state):
+    leaves, treedef = jax.tree.flatten(state)
+    return treedef.unflatten([
+        x + scale * jnp.sin(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) * 12.9898
+                            + 7.0 * i + seed).astype(x.dtype)
+        for i, x in enumerate(leaves)])
+  nnx.update(model, noisy(nnx.state(model)))
 
 
 def rel_err(a, b):
@@ -308,3 +313,33 @@ def test_bfloat16_compute(kind, opts):
   # bf16 has an 8-bit mantissa: close to fp32, but not equal (the compute dtype is really used).
   err = rel_err(logits16, model32(tok))
   assert 1e-6 < err < 5e-2
+
+
+@pytest.mark.parametrize('mode, factor', [('none', 1.0), ('multiply', 2.0), ('divide', 0.5)])
+def test_out_proj_init_scaled_by_sqrt_n(mode, factor):
+  # HC section 4: the attention out-projection and the MLP down-projection (only) get sqrt(n).
+  cfg = tiny_config('hc', n=4, out_proj_sqrt_n=mode)
+  cfg.update(dict(d_model=64, mlp_dim=256, num_heads=4))
+  flat = flat_params(models.build_model(cfg, nnx.Rngs(0)))
+  for name in (('attn', 'o'), ('mlp', 'down')):
+    std = float(jnp.std(flat[('blocks',) + name]))
+    assert abs(std / (cfg.init_std * factor) - 1) < 0.05, (name, std)
+  for name in (('attn', 'q'), ('mlp', 'gate')):
+    assert abs(float(jnp.std(flat[('blocks',) + name])) / cfg.init_std - 1) < 0.05, name
+
+
+def test_rmsnorm_qk_norm_untied_parameters():
+  cfg = tiny_config('residual_postnorm')
+  cfg.update(dict(norm='rmsnorm', qk_norm=True, tie_embeddings=False))
+  d, k, f, layers_ = cfg.d_model, cfg.head_dim, cfg.mlp_dim, cfg.num_layers
+  per_block = 4 * d * cfg.num_heads * k + 3 * d * f + 2 * k  # + q/k norm scales
+  # Post-Norm: the branches have no pre-norm, each connection has its own RMSNorm scale (d).
+  expected = 2 * V * d + d + layers_ * (per_block + 2 * d)
+  counts = sizes.param_counts(cfg)
+  conn = 2 * d * layers_
+  assert counts == {'total': expected, 'connection': conn, 'other': expected - conn}
+  model = models.build_model(cfg, nnx.Rngs(0))
+  assert model.blocks.attn_norm is None and model.blocks.mlp_norm is None
+  assert isinstance(model.blocks.attn.q_norm.scale, params.NormScale)
+  logits = model(tokens())
+  assert logits.shape == (B, L, V) and bool(jnp.all(jnp.isfinite(logits)))

@@ -74,7 +74,8 @@ def test_logical_to_spec_divisibility_fallback():
   assert sharding.logical_to_spec(('vocab', 'embed'), (63, 32), mesh, rules) == P(None, 'fsdp')
   # 'mlp' falls back to its second rule when 'fsdp' is taken by 'embed'.
   assert sharding.logical_to_spec(('embed', 'mlp'), (32, 64), mesh, rules) == P('fsdp', 'tensor')
-  assert sharding.logical_to_spec(('mlp', None, 'hc'), (64, 3, 5), mesh, rules) == P('fsdp', None, None)
+  spec = sharding.logical_to_spec(('mlp', None, 'hc'), (64, 3, 5), mesh, rules)
+  assert spec == P('fsdp', None, None)
   with pytest.raises(ValueError, match="'heads'"):
     sharding.logical_to_spec(('heads',), (4,), mesh, rules)
 
