@@ -143,11 +143,23 @@ def test_scan_equals_python_loop():
   loop_cfg.scan_layers = False
   loop = models.build_model(loop_cfg, nnx.Rngs(5))
   assert not loop.scan_layers and scanned.scan_layers
+  # The deterministic HC init (A_m's home stream (k + index_base) mod n) is the same whether the
+  # layer index is traced (nnx.vmap) or a Python int.
+  fresh = flat_params(models.build_model(cfg, nnx.Rngs(0)))
+  for l in range(cfg.num_layers):
+    for module in ('attn_connection', 'mlp_connection'):
+      np.testing.assert_array_equal(fresh[('blocks', module, 'static_alpha')][l],
+                                    flat_params(loop)[('blocks', l, module, 'static_alpha')])
   decoder.copy_weights(scanned, loop)
   tok = tokens()
   logits_s, hidden_s = scanned(tok, return_hidden=True)
   logits_l, hidden_l = loop(tok, return_hidden=True)
   assert hidden_s.shape == (cfg.num_layers, 2, B, L, cfg.d_model)
+  # Hidden [0, 0] is the first attention's branch input: the embedding mixed by A_m (row 0).
+  alpha_0 = nnx.state(scanned)['blocks']['attn_connection']['static_alpha'][...][0, :, 0]
+  expected = jnp.sum(alpha_0) * scanned.embed(tok)  # Identical streams; dynamic part ~ small.
+  assert rel_err(hidden_s[0, 0], expected) < 0.1
+  assert rel_err(hidden_s[0, 1], expected) > 1e-3  # The MLP saw the attention's output too.
   assert rel_err(logits_l, logits_s) < 1e-5
   assert rel_err(hidden_l, hidden_s) < 1e-5
   # Per-layer HC static init differs between layers (sub-layer index drives A_m's home stream).
