@@ -11,7 +11,7 @@ import pytest
 from flax import nnx, traverse_util
 
 from configs import base
-from hyperconn_jax import connections, models, params
+from hyperconn_jax import models, params
 from hyperconn_jax.models import decoder, sizes
 
 B, L, V = 2, 8, 64
