@@ -60,6 +60,42 @@ def connection_config() -> ml_collections.ConfigDict:
   ))
 
 
+def moe_config() -> ml_collections.ConfigDict:
+  """Mixture-of-experts FFN in the OLMoE style (config.model.moe; used when model.ffn='moe')."""
+  return ml_collections.ConfigDict(dict(
+      # Routed experts (each a SwiGLU MLP of hidden size model.mlp_dim) and experts per token.
+      num_experts=8,
+      top_k=2,
+      # Renormalise the top-k router probabilities to sum to 1 (OLMoE: False, the raw softmax).
+      renormalize=False,
+      # 0: dropless (tokens sorted by expert, grouped matmuls: every assignment is computed);
+      # > 0: each expert takes at most ceil(capacity_factor * tokens * top_k / num_experts)
+      # assignments of a batch, the rest are dropped (their weight is lost; the residual remains).
+      capacity_factor=0.0,
+      # Weights of the auxiliary losses in the training objective (OLMoE: 0.01 and 0.001).
+      # load_balance: E * sum_e f_e * P_e (f_e: fraction of assignments to e, P_e: mean router
+      # probability of e; 1 when balanced); router_z: mean logsumexp(router logits)^2.
+      load_balance_weight=0.01,
+      router_z_weight=0.001,
+  ))
+
+
+def vit_config() -> ml_collections.ConfigDict:
+  """Vision Transformer classifier (config.model.vit; used when model.name='vit')."""
+  return ml_collections.ConfigDict(dict(
+      # Square input images of image_size x image_size x channels, cut into patch_size patches.
+      image_size=8,
+      patch_size=2,
+      channels=1,
+      num_classes=10,
+      # 'token' (a learned class token, as the original ViT) | 'gap' (mean over the patches).
+      pool='gap',
+      # Dropout rate after the patch embedding and on every sub-layer's output (HC Table 12:
+      # 0.1); applied in training only.
+      dropout=0.0,
+  ))
+
+
 def model_config() -> ml_collections.ConfigDict:
   """Decoder-only LM in the OLMo style (config.model)."""
   return ml_collections.ConfigDict(dict(
@@ -84,7 +120,15 @@ def model_config() -> ml_collections.ConfigDict:
       scan_layers=True,
       # Rematerialisation of each block: 'none' | 'full' | 'dots' | 'dots_no_batch' | 'save_streams'.
       remat_policy='none',
+      # Feed-forward sub-layer: 'dense' (model.mlp_activation MLP) | 'moe' (config.model.moe).
+      ffn='dense',
+      # Dense MLP: 'swiglu' (OLMo: down(silu(gate(y)) * up(y))) | 'gelu' (ViT: down(gelu(up(y)))).
+      mlp_activation='swiglu',
+      # Give the model's LayerNorms a learned scale (ViT; RMSNorm always has one). No biases.
+      norm_affine=False,
       connection=connection_config(),
+      moe=moe_config(),
+      vit=vit_config(),
   ))
 
 
@@ -119,6 +163,18 @@ def get_config() -> ml_collections.ConfigDict:
       shuffle_window=1024,
       # Grain worker processes (0: read in the main process).
       worker_count=0,
+      # Image classification (model.name='vit'): data.dataset is 'digits' (embedded: scikit-learn's
+      # 8x8 handwritten digits, no download) or a prepared TFDS image dataset ('cifar10',
+      # 'imagenet2012', ...) with these features.
+      image_key='image',
+      label_key='label',
+      # Training augmentation: random crop (images of model.vit.image_size: pad by crop_padding
+      # pixels (reflect) and crop back; other sizes: random resized crop of at least
+      # crop_min_area of the image), horizontal flip, and mixup with Beta(alpha, alpha) (0: off).
+      crop_padding=1,
+      crop_min_area=0.08,
+      random_flip=False,
+      mixup_alpha=0.0,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -173,6 +229,8 @@ def get_config() -> ml_collections.ConfigDict:
           ('layers', None),
           ('streams', None),
           ('hc', None),
+          # MoE experts: expert parallelism over the fsdp devices (when they divide the experts).
+          ('expert', 'fsdp'),
       ),
   ))
   return c
