@@ -1,4 +1,5 @@
-"""Models: validation of config.model and construction.
+"""Models: validation of config.model and construction, by config.model.name:
+'decoder_lm' (decoder.DecoderLM; an MoE decoder with model.ffn='moe') or 'vit' (vit.ViT).
 
 `build_model` creates the parameters unplaced (default device, no eager sharding); to create a
 model already sharded over a mesh use `hyperconn_jax.sharding.create_model`.
@@ -8,14 +9,19 @@ from flax import nnx
 
 from hyperconn_jax import connections
 from hyperconn_jax.models import decoder
+from hyperconn_jax.models import moe
+from hyperconn_jax.models import vit
 
-MODEL_NAMES = ('decoder_lm',)
+MODELS = {'decoder_lm': decoder.DecoderLM, 'vit': vit.ViT}
+MODEL_NAMES = tuple(MODELS)
 NORMS = ('layernorm', 'rmsnorm')
 DTYPES = ('float32', 'bfloat16')
+FFNS = ('dense', 'moe')
+MLP_ACTIVATIONS = ('swiglu', 'gelu')
 
 _POSITIVE_INTS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'head_dim', 'mlp_dim')
 _POSITIVE_FLOATS = ('norm_eps', 'rope_theta', 'init_std')
-_BOOLS = ('qk_norm', 'tie_embeddings', 'scan_layers')
+_BOOLS = ('qk_norm', 'tie_embeddings', 'scan_layers', 'norm_affine')
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
@@ -47,11 +53,23 @@ def validate(config) -> None:
   _check(config.param_dtype in DTYPES, 'param_dtype', config.param_dtype, f'one of {DTYPES}')
   _check(config.remat_policy in decoder.REMAT_POLICIES, 'remat_policy', config.remat_policy,
          f'one of {decoder.REMAT_POLICIES}')
+  _check(config.ffn in FFNS, 'ffn', config.ffn, f'one of {FFNS}')
+  _check(config.mlp_activation in MLP_ACTIVATIONS, 'mlp_activation', config.mlp_activation,
+         f'one of {MLP_ACTIVATIONS}')
+  if config.ffn == 'moe':
+    moe.validate(config)
+  if config.name == 'vit':
+    vit.validate(config)
   connections.validate(config.connection, config.d_model)
 
 
-def build_model(config, rngs: nnx.Rngs) -> decoder.DecoderLM:
+def task(config) -> str:
+  """'lm' (next-token prediction) or 'classification', from config.model.name."""
+  return 'classification' if config.name == 'vit' else 'lm'
+
+
+def build_model(config, rngs: nnx.Rngs) -> nnx.Module:
   """Validates config.model and returns the model with freshly initialised, unplaced parameters."""
   validate(config)
   with nnx.use_eager_sharding(False):
-    return decoder.DecoderLM(config, rngs=rngs)
+    return MODELS[config.name](config, rngs=rngs)

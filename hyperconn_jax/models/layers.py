@@ -21,9 +21,19 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> jax.Ar
   return std * jax.random.normal(rngs.params(), shape, dtype)
 
 
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout of `rate` with `key`; the identity when key is None or rate is 0."""
+  if key is None or rate == 0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 def model_norm(config, dim: int, axis_name: str = 'embed') -> norms.Norm:
-  """The model's norm: LayerNorm without affine (OLMo) or RMSNorm with a learned scale."""
-  return norms.Norm(dim, kind=config.norm, eps=config.norm_eps, affine=config.norm == 'rmsnorm',
+  """The model's norm: LayerNorm without affine (OLMo; with a learned scale if
+  config.norm_affine) or RMSNorm with a learned scale."""
+  return norms.Norm(dim, kind=config.norm, eps=config.norm_eps,
+                    affine=config.norm == 'rmsnorm' or config.norm_affine,
                     axis_name=axis_name, param_dtype=dtype_of(config.param_dtype))
 
 
@@ -64,16 +74,18 @@ def rope(x_BxLxHxK: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with RoPE and optional per-head QK-norm.
+  """Multi-head self-attention (causal with RoPE for the decoder; bidirectional without RoPE
+  for the ViT, which adds learned positions to its patches) and optional per-head QK-norm.
 
   Takes y_BxLxD (already normalised by the caller when Pre-Norm) and returns [B, L, D].
   """
 
-  def __init__(self, config, *, out_init_multiplier: float, rngs: nnx.Rngs):
+  def __init__(self, config, *, out_init_multiplier: float, rngs: nnx.Rngs, causal: bool = True):
     d, h, k = config.d_model, config.num_heads, config.head_dim
     pdtype = dtype_of(config.param_dtype)
     self.dtype = dtype_of(config.dtype)
     self.rope_theta = config.rope_theta
+    self.causal = causal
     in_axes = ('embed', 'heads', 'kv')
     self.q = nnx.Param(_normal(rngs, (d, h, k), config.init_std, pdtype), out_sharding=in_axes)
     self.k = nnx.Param(_normal(rngs, (d, h, k), config.init_std, pdtype), out_sharding=in_axes)
@@ -90,27 +102,31 @@ class Attention(nnx.Module):
     v_BxLxHxK = jnp.einsum('bld,dhk->blhk', y_BxLxD, self.v[...].astype(self.dtype))
     if self.q_norm is not None:
       q_BxLxHxK, k_BxLxHxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxHxK)
-    q_BxLxHxK = rope(q_BxLxHxK, self.rope_theta)
-    k_BxLxHxK = rope(k_BxLxHxK, self.rope_theta)
+    if self.causal:
+      q_BxLxHxK = rope(q_BxLxHxK, self.rope_theta)
+      k_BxLxHxK = rope(k_BxLxHxK, self.rope_theta)
     length, head_dim = y_BxLxD.shape[1], q_BxLxHxK.shape[-1]
     scores_BxHxLxL = jnp.einsum('bqhk,bthk->bhqt', q_BxLxHxK, k_BxLxHxK,
                                 preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
-    causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
-    scores_BxHxLxL = jnp.where(causal_LxL, scores_BxHxLxL, jnp.finfo(jnp.float32).min)
+    if self.causal:
+      causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
+      scores_BxHxLxL = jnp.where(causal_LxL, scores_BxHxLxL, jnp.finfo(jnp.float32).min)
     probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(self.dtype)
     out_BxLxHxK = jnp.einsum('bhqt,bthk->bqhk', probs_BxHxLxL, v_BxLxHxK)
     return jnp.einsum('blhk,hkd->bld', out_BxLxHxK, self.o[...].astype(self.dtype))
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward: down(silu(gate(y)) * up(y)); [B, L, D] -> [B, L, D]."""
+  """Feed-forward [B, L, D] -> [B, L, D]: SwiGLU down(silu(gate(y)) * up(y)) or, with
+  config.mlp_activation='gelu' (ViT), down(gelu(up(y)))."""
 
   def __init__(self, config, *, out_init_multiplier: float, rngs: nnx.Rngs):
     d, f = config.d_model, config.mlp_dim
     pdtype = dtype_of(config.param_dtype)
     self.dtype = dtype_of(config.dtype)
-    self.gate = nnx.Param(_normal(rngs, (d, f), config.init_std, pdtype),
-                          out_sharding=('embed', 'mlp'))
+    self.gate = (nnx.Param(_normal(rngs, (d, f), config.init_std, pdtype),
+                           out_sharding=('embed', 'mlp'))
+                 if config.mlp_activation == 'swiglu' else None)
     self.up = nnx.Param(_normal(rngs, (d, f), config.init_std, pdtype),
                         out_sharding=('embed', 'mlp'))
     self.down = nnx.Param(_normal(rngs, (f, d), config.init_std * out_init_multiplier, pdtype),
@@ -118,7 +134,10 @@ class MLP(nnx.Module):
 
   def __call__(self, y_BxLxD: jax.Array) -> jax.Array:
     y_BxLxD = y_BxLxD.astype(self.dtype)
-    gate_BxLxF = jnp.einsum('bld,df->blf', y_BxLxD, self.gate[...].astype(self.dtype))
     up_BxLxF = jnp.einsum('bld,df->blf', y_BxLxD, self.up[...].astype(self.dtype))
-    return jnp.einsum('blf,fd->bld', jax.nn.silu(gate_BxLxF) * up_BxLxF,
-                      self.down[...].astype(self.dtype))
+    if self.gate is None:
+      hidden_BxLxF = jax.nn.gelu(up_BxLxF)
+    else:
+      gate_BxLxF = jnp.einsum('bld,df->blf', y_BxLxD, self.gate[...].astype(self.dtype))
+      hidden_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
+    return jnp.einsum('blf,fd->bld', hidden_BxLxF, self.down[...].astype(self.dtype))
