@@ -163,6 +163,12 @@ def get_config() -> ml_collections.ConfigDict:
       shuffle_window=1024,
       # Grain worker processes (0: read in the main process).
       worker_count=0,
+      # Train: the documents are split into this many shards, each read by one process and packed
+      # and shuffled on its own; a global batch takes train.batch_size / num_shards rows from each
+      # shard in shard order. 0: one shard per process (the batches then depend on the process
+      # count). A fixed value (a multiple of every process count used) gives the same batches, so
+      # the same run, on any number of processes; e.g. 2 on one process equals 2 x 1 on two.
+      num_shards=0,
       # Image classification (model.name='vit'): data.dataset is 'digits' (embedded: scikit-learn's
       # 8x8 handwritten digits, no download) or a prepared TFDS image dataset ('cifar10',
       # 'imagenet2012', ...) with these features.

@@ -97,6 +97,9 @@ def _validate_train(config) -> None:
          'must be an integer (<= 0: the whole validation split)')
   _check(t.batch_size % config.optim.grad_accum_steps == 0, 'train.batch_size', t.batch_size,
          f'must be divisible by optim.grad_accum_steps={config.optim.grad_accum_steps}')
+  if config.data.num_shards > 0:
+    _check(t.batch_size % config.data.num_shards == 0, 'train.batch_size', t.batch_size,
+           f'must be divisible by data.num_shards={config.data.num_shards}')
   c = config.checkpoint
   _positive_int('checkpoint.keep_latest', c.keep_latest)
   _check(isinstance(c.keep_best, int) and c.keep_best >= 0, 'checkpoint.keep_best', c.keep_best,

@@ -24,8 +24,8 @@ def validate(data_config) -> None:
   """Raises ValueError naming the field if config.data has a bad value.
 
   Checks the dataset / split / feature names, the tokenizer and its model file, seq_len, the eval
-  fraction, the shuffle parameters, the worker count and, for 'text_files', that data.text_glob
-  matches at least two files (train and validation are split by file).
+  fraction, the shuffle parameters, the worker and shard counts and, for 'text_files', that
+  data.text_glob matches at least two files (train and validation are split by file).
   """
   for name in ('dataset', 'train_split', 'eval_split', 'text_key'):
     _check_name(name, data_config[name])
@@ -41,6 +41,7 @@ def validate(data_config) -> None:
   _check_int('shuffle_seed', data_config.shuffle_seed, 0, 2**32 - 1)
   _check_int('shuffle_window', data_config.shuffle_window, 0)
   _check_int('worker_count', data_config.worker_count, 0)
+  _check_int('num_shards', data_config.num_shards, 0)
   fraction = data_config.eval_fraction
   if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
     raise ValueError(f'data.eval_fraction={fraction!r}; expected a number in (0, 1).')

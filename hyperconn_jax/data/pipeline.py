@@ -1,14 +1,20 @@
 """grain pipelines from a TFDS data source to batches of packed token sequences.
 
 Train (infinite, checkpointable):
-  documents of this process (source[process_index::process_count]) -> shuffle (data.shuffle_seed;
-  every epoch differently) -> repeat -> tokenize (EOS appended) -> concatenate and split into
-  sequences of seq_len + 1 tokens (grain's ConcatThenSplit) -> shuffle within windows of
-  data.shuffle_window sequences -> inputs / targets / weights -> batches of
-  train.batch_size / process_count rows [-> data.worker_count worker processes].
-  Each process reads only its own documents, so the processes' batches are disjoint and together
-  cover every document of each epoch; the whole state (document position, packing remainder,
-  shuffle window) is the iterator's get_state() and is saved in checkpoints with
+  the documents are split into data.num_shards shards (document i goes to shard i mod num_shards;
+  0: one shard per process). Each shard: its documents -> shuffle (data.shuffle_seed; every epoch
+  differently) -> repeat -> tokenize (EOS appended) -> concatenate and split into sequences of
+  seq_len + 1 tokens (grain's ConcatThenSplit) -> shuffle within windows of data.shuffle_window
+  sequences -> inputs / targets / weights -> blocks of train.batch_size / num_shards rows.
+  A global batch is one block of every shard, in shard order; process p owns the contiguous shards
+  [p * k, (p + 1) * k), k = num_shards / process_count, so its rows of the global batch are rows
+  [p * b, (p + 1) * b), b = train.batch_size / process_count [-> data.worker_count worker
+  processes]. Each process reads only its own documents, the processes' batches are disjoint and
+  together cover every document of each epoch. With a fixed data.num_shards the global batches are
+  the same for every process count that divides it (one process with 8 devices and two with 4
+  train on identical batches); with 0 they depend on the process count, but a process never runs
+  more than one pipeline. The whole state (document position, packing remainder, shuffle window of
+  every shard) is the iterator's get_state() and is saved in checkpoints with
   grain.checkpoint.CheckpointSave / CheckpointRestore. Train batches never contain padding.
 
 Eval (finite, deterministic, restarts from the beginning on every call):
@@ -104,6 +110,62 @@ class _JsonState(grain.IterDataset):
     return grain_experimental.get_element_spec(self._parent)
 
 
+class _RoundRobinIterator(grain.DatasetIterator):
+  """Yields the next element of each parent in turn (parent 0, 1, ..., 0, 1, ...)."""
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parents):
+    super().__init__(parents)
+    self._next = 0
+
+  def __next__(self):
+    element = next(self._parents[self._next])
+    self._next = (self._next + 1) % len(self._parents)
+    return element
+
+  def get_state(self):
+    return {'parents': [parent.get_state() for parent in self._parents], 'next': self._next}
+
+  def set_state(self, state):
+    for parent, parent_state in zip(self._parents, state['parents']):
+      parent.set_state(parent_state)
+    self._next = state['next']
+
+
+class _RoundRobin(grain.IterDataset):
+  """Interleaves several datasets element by element (see _RoundRobinIterator)."""
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _RoundRobinIterator([parent.__iter__() for parent in self._parents])
+
+  def __str__(self) -> str:
+    return f'_RoundRobin({len(self._parents)} parents)'
+
+  @property
+  def _element_spec(self):
+    return grain_experimental.get_element_spec(self._parents[0])
+
+
+def _concat_rows(blocks):
+  """Stacks blocks of rows (dicts of [rows, ...] arrays) into one batch, in order."""
+  return {k: np.concatenate([block[k] for block in blocks]) for k in blocks[0]}
+
+
+def _num_shards(config, process_count: int) -> int:
+  """data.num_shards (0: one per process), checked against the processes and the batch."""
+  num_shards = config.data.num_shards or process_count
+  if num_shards % process_count:
+    raise ValueError(
+        f'data.num_shards={num_shards} must be a multiple of the {process_count} processes '
+        '(each process reads whole shards).')
+  if config.train.batch_size % num_shards:
+    raise ValueError(
+        f'train.batch_size={config.train.batch_size} must be divisible by data.num_shards='
+        f'{num_shards} (every global batch takes the same number of rows from each shard).')
+  return num_shards
+
+
 def _local_batch_size(config, process_count: int) -> int:
   batch_size = config.train.batch_size
   if not checks.is_int(batch_size) or batch_size < 1:
@@ -152,6 +214,26 @@ def _check_fills_a_sequence(docs: grain.MapDataset, tokenize: _Tokenize, length:
       f'{length} tokens: use a smaller data.seq_len or more data.')
 
 
+def _shard_sequences(config, source, tokenizer: tokenizers.Tokenizer, shard: int,
+                     num_shards: int) -> grain.IterDataset:
+  """The infinite stream of packed, shuffled examples of one shard of the train documents."""
+  data_config = config.data
+  tokenize = _Tokenize(tokenizer, data_config.text_key)
+  length = data_config.seq_len + 1
+  docs = grain.MapDataset.source(source)[shard::num_shards]
+  _check_fills_a_sequence(
+      docs, tokenize, length,
+      f'Split {data_config.train_split!r} of data.dataset={data_config.dataset!r} (shard '
+      f'{shard} of {num_shards})')
+  ds = docs.shuffle(seed=data_config.shuffle_seed).repeat().map(tokenize)
+  ds = ds.to_iter_dataset(_READ_OPTIONS)
+  ds = grain_experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': length})
+  if data_config.shuffle_window > 1:
+    ds = grain_experimental.WindowShuffleIterDataset(
+        ds, window_size=data_config.shuffle_window, seed=data_config.shuffle_seed)
+  return ds.map(_ToExample())
+
+
 def make_train_iterator(config, *, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
   """Returns this process's infinite iterator of training batches.
@@ -162,37 +244,36 @@ def make_train_iterator(config, *, process_index: int = 0,
     process_count: number of processes reading data (jax.process_count()).
 
   Returns:
-    A grain DatasetIterator of batches with train.batch_size / process_count rows; its
-    get_state() / set_state() (or grain.checkpoint.CheckpointSave / CheckpointRestore) save and
-    restore its position exactly.
+    A grain DatasetIterator of batches with train.batch_size / process_count rows (this
+    process's rows of the global batch, see the module docstring); its get_state() / set_state()
+    (or grain.checkpoint.CheckpointSave / CheckpointRestore) save and restore its position
+    exactly.
 
   Raises:
-    ValueError: a bad config value, a dataset that is not prepared, or too little data.
+    ValueError: a bad config value, a dataset that is not prepared, too little data, or
+      data.num_shards that does not fit the processes or the batch.
   """
   data_config = config.data
   checks.validate(data_config)
   _check_process(process_index, process_count)
-  local_batch = _local_batch_size(config, process_count)
+  _local_batch_size(config, process_count)  # Checks the batch divides over the processes.
+  num_shards = _num_shards(config, process_count)
   tokenizer = tokenizers.get_tokenizer(data_config)
   source = _open_split(config, data_config.train_split, tokenizer)
-  if len(source) < process_count:
+  if len(source) < num_shards:
     raise ValueError(
         f'Split {data_config.train_split!r} of data.dataset={data_config.dataset!r} has '
-        f'{len(source)} documents, fewer than the {process_count} processes reading it.')
-  tokenize = _Tokenize(tokenizer, data_config.text_key)
-  length = data_config.seq_len + 1
-  docs = grain.MapDataset.source(source)[process_index::process_count]
-  _check_fills_a_sequence(
-      docs, tokenize, length,
-      f'Split {data_config.train_split!r} of data.dataset={data_config.dataset!r} (process '
-      f'{process_index} of {process_count})')
-  ds = docs.shuffle(seed=data_config.shuffle_seed).repeat().map(tokenize)
-  ds = ds.to_iter_dataset(_READ_OPTIONS)
-  ds = grain_experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': length})
-  if data_config.shuffle_window > 1:
-    ds = grain_experimental.WindowShuffleIterDataset(
-        ds, window_size=data_config.shuffle_window, seed=data_config.shuffle_seed)
-  ds = ds.map(_ToExample()).batch(local_batch, drop_remainder=True)
+        f'{len(source)} documents, fewer than the {num_shards} shards reading it (data.num_shards, '
+        f'or the number of processes when it is 0).')
+  shards_per_process = num_shards // process_count
+  first = process_index * shards_per_process
+  blocks = [_shard_sequences(config, source, tokenizer, shard, num_shards).batch(
+      config.train.batch_size // num_shards, drop_remainder=True)
+            for shard in range(first, first + shards_per_process)]
+  if shards_per_process == 1:
+    ds = blocks[0]
+  else:
+    ds = _RoundRobin(blocks).batch(shards_per_process, batch_fn=_concat_rows)
   if data_config.worker_count > 0:
     # grain's worker processes read absl flags; outside an absl app (tests, notebooks) they would
     # be unparsed, so take their defaults.
