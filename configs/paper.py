@@ -1,0 +1,135 @@
+"""The papers' experiments by name: every row of HC Tables 1-5, the mHC component ablation, mHC vs HC
+and the Frac-Connections ablations, each at the paper's scale or scaled down.
+
+  python train.py --config=configs/paper.py:experiment=dhc4,size=cpu --workdir=workdirs/dhc4
+  python train.py --config=configs/paper.py:experiment=shc4_notanh,size=paper --workdir=gs://B/shc4
+  python sweep.py --suite=hc_table1 --size=cpu --seeds=3 --workroot=workdirs/hc_table1
+
+Arguments (after ':', comma-separated key=value):
+  experiment  a name of EXPERIMENTS (below); `python -c "from configs import paper;
+              print(paper.describe())"` lists them with their tables
+  size        paper: the paper's model and training setup (OLMo-1B, or OLMo-7B for HC Table 5)
+              cpu:   a 4-layer d=128 byte-level model a 2-core CPU trains in minutes (configs/lm.py)
+              tiny:  seconds-long runs for tests
+Every experiment is configs/lm.py's switches plus a few overrides: this file holds one line per
+experiment and SUITES lists the rows of each table; nothing else is repeated.
+
+Not here: HC Table 4's ResiDual and AltUp rows and HC Table 6 / FC's OLMoE rows (no implementation of
+those models in this repository); the mHC paper's DeepSeek-V3-style MoE (its ablations run on the
+OLMo-1B shape at size=paper).
+"""
+
+import dataclasses
+
+from configs import lm
+from hyperconn_jax import config_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """One experiment: configs/lm.py switches, leaf overrides and its scale at size=paper."""
+  lm_args: str
+  overrides: tuple[tuple[str, object], ...] = ()
+  paper_size: str = 'olmo_1b'
+  about: str = ''
+
+
+def _hc(n, *, dynamic=True, tanh=True, **switches):
+  args = f'connection=hc,n={n},dynamic={str(dynamic).lower()},tanh={str(tanh).lower()}'
+  return ''.join([args] + [f',{k}={str(v).lower()}' for k, v in switches.items()])
+
+
+def _mhc(*mappings):
+  return Experiment('connection=mhc,n=4', (('model.connection.mappings', tuple(mappings)),),
+                    about=f'mHC x4, learned {"+".join(mappings)} (mHC Table 1)')
+
+
+def _dfc(m, about, *overrides, dynamic=True):
+  tanh = str(dynamic).lower()
+  return Experiment(f'connection=frac,m={m},dynamic={tanh},tanh={tanh}', tuple(overrides),
+                    about=about)
+
+
+EXPERIMENTS = {
+    # Baselines.
+    'prenorm': Experiment('connection=residual', about='residual Pre-Norm (OLMo baseline)'),
+    'postnorm': Experiment('connection=residual_postnorm', about='residual Post-Norm'),
+    # HC Table 1: expansion rate, with and without tanh.
+    **{f'dhc{n}': Experiment(_hc(n), about=f'DHC x{n} with tanh') for n in (1, 2, 4, 8)},
+    **{f'dhc{n}_notanh': Experiment(_hc(n, tanh=False), about=f'DHC x{n} without tanh')
+       for n in (1, 2, 4, 8)},
+    # HC Table 2: static HC (no dynamic branch, so no tanh).
+    **{f'shc{n}': Experiment(_hc(n, dynamic=False, tanh=False), about=f'SHC x{n}')
+       for n in (2, 4)},
+    # HC Table 3: non-trainable width connections (A_m, A_r) or B, on DHC x4.
+    'dhc4_frozen_wc': Experiment(_hc(4, train_width=False), about='DHC x4, WC not trainable'),
+    'dhc4_frozen_b': Experiment(_hc(4, train_beta=False), about='DHC x4, B not trainable'),
+    'dhc4_notanh_frozen_wc': Experiment(_hc(4, tanh=False, train_width=False),
+                                        about='DHC x4 without tanh, WC not trainable'),
+    'dhc4_notanh_frozen_b': Experiment(_hc(4, tanh=False, train_beta=False),
+                                       about='DHC x4 without tanh, B not trainable'),
+    # HC Table 5: the 7B shape.
+    'olmo7b_prenorm': Experiment('connection=residual', paper_size='olmo_7b',
+                                 about='OLMo-7B residual Pre-Norm'),
+    'olmo7b_dhc4': Experiment(_hc(4), paper_size='olmo_7b', about='OLMo-7B DHC x4'),
+    # mHC: component ablation (mHC Table 1; the full model is mhc4) and mHC vs HC at n = 4.
+    'mhc4_res': _mhc('res'),
+    'mhc4_res_pre': _mhc('res', 'pre'),
+    'mhc4': Experiment('connection=mhc,n=4', about='mHC x4 (all of H_res, H_pre, H_post)'),
+    # Frac-Connections (FC Fig. 4): frac-rate, SFC vs DFC, and removing rescale / tanh / norm.
+    'dfc2': _dfc(2, 'DFC x2'),
+    'dfc4': _dfc(4, 'DFC x4'),
+    'sfc4': _dfc(4, 'SFC x4', dynamic=False),
+    'dfc2_norescale': _dfc(2, 'DFC x2 without rescale', ('model.connection.scale', False)),
+    'dfc2_notanh': _dfc(2, 'DFC x2 without tanh', ('model.connection.tanh', False)),
+    'dfc2_nonorm': _dfc(2, 'DFC x2 without norm', ('model.connection.dynamic_norm', 'none')),
+}
+
+# Suites (sweep.py --suite): the rows of each table; the first entry is the baseline of the table.
+SUITES = {
+    'baselines': ('prenorm', 'postnorm'),
+    'hc_table1': ('prenorm', 'dhc1_notanh', 'dhc2_notanh', 'dhc4_notanh', 'dhc8_notanh',
+                  'dhc1', 'dhc2', 'dhc4', 'dhc8'),
+    'hc_table2': ('prenorm', 'shc2', 'dhc2', 'dhc2_notanh', 'shc4', 'dhc4', 'dhc4_notanh'),
+    'hc_table3': ('dhc4', 'dhc4_notanh_frozen_wc', 'dhc4_frozen_b', 'dhc4_notanh',
+                  'dhc4_frozen_wc', 'dhc4_notanh_frozen_b'),
+    'hc_table4': ('prenorm', 'dhc2', 'dhc2_notanh'),
+    'hc_table5': ('olmo7b_prenorm', 'olmo7b_dhc4'),
+    'mhc_table1': ('prenorm', 'mhc4_res', 'mhc4_res_pre', 'mhc4'),
+    'mhc_vs_hc': ('prenorm', 'dhc4', 'mhc4'),
+    'fc_ablation': ('prenorm', 'dfc2', 'dfc4', 'sfc4', 'dfc2_norescale', 'dfc2_notanh',
+                    'dfc2_nonorm'),
+    # docs/results.md: the CPU-scale comparison.
+    'report': ('prenorm', 'shc4', 'dhc4', 'mhc4', 'dfc4', 'dhc1', 'dhc2', 'dhc8'),
+}
+
+SIZES = ('tiny', 'cpu', 'paper')
+
+
+def describe() -> str:
+  """One line per experiment: name, the suites holding it, what it is."""
+  lines = []
+  for name, exp in EXPERIMENTS.items():
+    suites = ','.join(s for s, rows in SUITES.items() if name in rows)
+    lines.append(f'{name:24s} {suites:32s} {exp.about}')
+  return '\n'.join(lines)
+
+
+def get_config(arg=None):
+  """Returns the config of `experiment` at `size` (see the module docstring)."""
+  a = config_lib.parse_arg(arg, experiment='dhc4', size='cpu')
+  if a.experiment not in EXPERIMENTS:
+    raise ValueError(f'config argument experiment={a.experiment!r} must be one of '
+                     f'{tuple(EXPERIMENTS)}')
+  if a.size not in SIZES:
+    raise ValueError(f'config argument size={a.size!r} must be one of {SIZES}')
+  exp = EXPERIMENTS[a.experiment]
+  size = exp.paper_size if a.size == 'paper' else a.size
+  c = lm.get_config(f'{exp.lm_args},size={size}')
+  for path, value in exp.overrides:
+    *parents, leaf = path.split('.')
+    node = c
+    for key in parents:
+      node = node[key]
+    node[leaf] = value
+  return c

@@ -1,0 +1,13 @@
+"""What hyper-connections learn, measured on any checkpoint (HC App. F and Fig. 3, mHC Figs. 3 / 7).
+
+  trace.trace(model, tokens)            every connection's per-token mixing, in one uniform form
+  diagnostics.connection_matrices(...)  unrolled C^(0) and per-stream C^(i) matrices
+  diagnostics.collapse(...)             cosine similarity of adjacent layers' inputs
+  diagnostics.gain(...)                 Amax gain of single and composite residual mixing
+  diagnostics.coefficient_stats(...)    distributions of alpha / beta (H_pre / H_post / H_res)
+  runner.analyze_checkpoint(workdir)    all of them on validation text; JSON + PNG in WORKDIR/analysis
+  runner.compare({label: results}, dir) overlay plots across checkpoints
+  results                               sweep results: tables, loss curves, the markdown report
+
+The command line is analyze.py (analyses) and sweep.py (sweeps and reports).
+"""

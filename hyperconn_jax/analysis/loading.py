@@ -1,0 +1,62 @@
+"""Restores a training run's model for analysis and reads validation batches.
+
+The parameters of `step` are restored (the optimizer is not) onto a one-device mesh of this
+machine, whatever mesh the run was trained on, then put in the Python-loop layout the recorders
+need (trace.loop_layout).
+"""
+
+import json
+import os
+
+import jax
+from flax import nnx
+import numpy as np
+
+from hyperconn_jax import checkpoint, data, sharding, train_lib
+from hyperconn_jax.analysis import trace
+
+
+def load_config(workdir: str, *, data_dir: str | None = None):
+  """The run's config (WORKDIR/config.json) for a one-device mesh; unlocked."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ValueError(f'--workdir={workdir}: no config.json (is it a training run directory?)')
+  with open(path) as f:
+    config = train_lib.config_from_json(json.load(f))
+  config.mesh.shape = (1,) * len(config.mesh.axes)
+  if data_dir is not None:
+    config.data.data_dir = data_dir
+  return config
+
+
+def load_model(workdir: str, step: str | int = 'latest', *, data_dir: str | None = None):
+  """Restores a checkpoint of the run in `workdir`.
+
+  Args:
+    workdir: the training run's working directory.
+    step: 'latest', 'best' or a step number.
+    data_dir: where the run's dataset is prepared (default: the run's data.data_dir).
+
+  Returns:
+    (config, model in the loop layout with the restored parameters, the checkpoint step).
+  """
+  config = load_config(workdir, data_dir=data_dir)
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
+  try:
+    checkpoint_step = ckpt.resolve_step(step)
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    rules = sharding.logical_rules(config.mesh)
+    with sharding.activate(mesh, rules):
+      graphdef, abstract, _ = train_lib.abstract_model_state(config.model, mesh, rules)
+      restored = ckpt.restore(checkpoint_step, model=abstract)['model']
+  finally:
+    ckpt.close()
+  model = nnx.merge(graphdef, restored['params'], restored['rest'])
+  return config, trace.loop_layout(model, config.model), checkpoint_step
+
+
+def validation_batches(config, num_batches: int) -> list[dict[str, np.ndarray]]:
+  """`num_batches` batches ({'inputs', 'targets', 'weights'}: [B, L]) of the validation split,
+  the same ones on every call."""
+  data.ensure_prepared(config)
+  return list(data.make_eval_iterator(config, num_batches=num_batches))

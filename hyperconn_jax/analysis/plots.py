@@ -1,0 +1,183 @@
+"""PNG figures of the analyses (matplotlib, Agg backend: no display needed)."""
+
+import math
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+from matplotlib import ticker  # noqa: E402  pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
+
+_DPI = 110
+
+
+def _save(fig, path: str) -> None:
+  fig.tight_layout()
+  fig.savefig(path, dpi=_DPI)
+  plt.close(fig)
+
+
+def _integer_x(ax) -> None:
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+
+
+def _heatmap(ax, matrix: np.ndarray, title: str, vmax: float, annotate: bool) -> None:
+  size = matrix.shape[0]
+  masked = np.ma.masked_where(np.triu(np.ones_like(matrix, bool), k=1), matrix)
+  image = ax.imshow(masked, cmap='RdBu_r', vmin=-vmax, vmax=vmax)
+  ax.set_title(title)
+  ax.set_xlabel('output of layer j (0 = embedding)')
+  ax.set_ylabel(f'input of layer k ({size} = output)')
+  ticks = range(size)
+  ax.set_xticks(list(ticks), [str(j) for j in ticks], fontsize=7)
+  ax.set_yticks(list(ticks), [str(k + 1) for k in ticks], fontsize=7)
+  if annotate:
+    for k in range(size):
+      for j in range(k + 1):
+        dark = abs(matrix[k, j]) > 0.6 * vmax
+        ax.text(j, k, f'{matrix[k, j]:.2f}', ha='center', va='center', fontsize=6,
+                color='white' if dark else 'black')
+  plt.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+
+
+def connection_matrices(result: dict, path: str, title: str) -> None:
+  """Heatmaps of C^(0) and every C^(i) (lower triangle; diverging colours centred on 0)."""
+  c0 = np.asarray(result['C0'])
+  cs = np.asarray(result['C_streams'])
+  panels = [('C(0): layer inputs', c0)] + [(f'C({i + 1}): stream {i}', c) for i, c in
+                                             enumerate(cs)]
+  cols = min(len(panels), 3)
+  rows = math.ceil(len(panels) / cols)
+  size = c0.shape[0]
+  cell = max(3.2, 0.32 * size)
+  fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 1.5, rows * cell), squeeze=False)
+  vmax = max(float(np.max(np.abs(np.tril(c0)))), float(np.max(np.abs(np.tril(cs[0])))) if len(cs)
+             else 0.0, 1e-6)
+  for ax, (name, matrix) in zip(axes.flat, panels):
+    _heatmap(ax, matrix, name, vmax, annotate=size <= 12)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis('off')
+  fig.suptitle(title)
+  _save(fig, path)
+
+
+def collapse(results: dict[str, dict], path: str, title: str) -> None:
+  """Median and 5-95% band of adjacent-layer cosine similarity, one line per label."""
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for label, r in results.items():
+    line, = ax.plot(r['layer'], r['median'], marker='o', ms=3, label=label)
+    ax.fill_between(r['layer'], r['p05'], r['p95'], color=line.get_color(), alpha=0.15)
+  ax.set_xlabel('sub-layer k (cosine of the inputs of k - 1 and k)')
+  _integer_x(ax)
+  ax.set_ylabel('cosine similarity')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _save(fig, path)
+
+
+def gain(results: dict[str, dict], path: str, title: str) -> None:
+  """Composite (and, for one label, single-layer) Amax gain per sub-layer, log scale."""
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for label, r in results.items():
+    for ax, direction in zip(axes, ('forward', 'backward')):
+      line, = ax.plot(r['layer'], r[f'composite_{direction}'], marker='o', ms=3,
+                      label=f'{label} composite')
+      if len(results) == 1:
+        ax.plot(r['layer'], r[direction], ls='--', color=line.get_color(),
+                label=f'{label} single layer')
+  for ax, direction in zip(axes, ('forward (max |row sum|)', 'backward (max |column sum|)')):
+    values = np.concatenate([l.get_ydata() for l in ax.get_lines()])
+    if np.min(values) > 0 and np.max(values) / np.min(values) > 10:  # Linear when close to 1.
+      ax.set_yscale('log')
+    _integer_x(ax)
+    ax.set_xlabel('sub-layer l (composite of 1..l)')
+    ax.set_ylabel('Amax gain magnitude')
+    ax.set_title(direction)
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
+  _save(fig, path)
+
+
+def _groups(name: str, shape: list[int]) -> list[tuple[str, list[tuple[int, ...]]]]:
+  """Entries of a coefficient, grouped into panels: alpha [N, M] -> its branch-input columns,
+  A_r diagonal and off-diagonal; H_res -> diagonal / off-diagonal; vectors -> one panel."""
+  if len(shape) <= 1:
+    return [(name, [(i,) for i in range(shape[0])] if shape else [()])]
+  rows, cols = shape
+  if name == 'alpha':
+    reads = cols - rows  # hc: 1 column (A_m), frac: m columns (Y).
+    return [('alpha: branch input (A_m / Y)', [(i, j) for i in range(rows) for j in range(reads)]),
+            ('alpha: residual diagonal', [(i, reads + i) for i in range(rows)]),
+            ('alpha: residual off-diagonal', [(i, reads + j) for i in range(rows)
+                                             for j in range(rows) if i != j])]
+  return [(f'{name} diagonal', [(i, i) for i in range(rows)]),
+          (f'{name} off-diagonal', [(i, j) for i in range(rows) for j in range(cols) if i != j])]
+
+
+def coefficients(stats: list[dict], path: str, title: str) -> None:
+  """Per sub-layer, the median and 5-95% band of each coefficient entry, one panel per group."""
+  if not stats or not stats[0]:
+    fig, ax = plt.subplots(figsize=(5, 2))
+    ax.text(0.5, 0.5, 'no learned coefficients (residual)', ha='center', va='center')
+    ax.axis('off')
+    _save(fig, path)
+    return
+  panels = [g for name, s in stats[0].items() for g in [(name,) + p for p in
+                                                         _groups(name, s['shape'])]]
+  cols = min(len(panels), 3)
+  rows = math.ceil(len(panels) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(cols * 4.5, rows * 3.2), squeeze=False)
+  layers = np.arange(1, len(stats) + 1)
+  for ax, (name, panel, entries) in zip(axes.flat, panels):
+    for entry in entries:
+      pick = lambda key, e=entry: [np.asarray(s[name][key])[e] for s in stats]  # noqa: E731
+      line, = ax.plot(layers, pick('p50'), lw=1, label=str(entry) if len(entries) <= 8 else None)
+      ax.fill_between(layers, pick('p05'), pick('p95'), color=line.get_color(), alpha=0.12)
+    ax.set_title(panel, fontsize=9)
+    ax.set_xlabel('sub-layer')
+    _integer_x(ax)
+    ax.grid(alpha=0.3)
+    if len(entries) <= 8:
+      ax.legend(fontsize=6, ncol=2)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis('off')
+  fig.suptitle(title)
+  _save(fig, path)
+
+
+def loss_curves(curves: dict[str, dict], path: str, title: str) -> None:
+  """Training and validation loss per variant: the mean over seeds, a band from min to max.
+
+  Args:
+    curves: label -> {'train': (steps, [seeds, steps] losses), 'eval': (steps, [seeds, steps])}.
+  """
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+  for label, c in curves.items():
+    for ax, key in zip(axes, ('train', 'eval')):
+      steps, values = c[key]
+      if not len(steps):
+        continue
+      values = np.asarray(values)
+      line, = ax.plot(steps, values.mean(axis=0), lw=1.2, label=label)
+      if values.shape[0] > 1:
+        ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(),
+                        alpha=0.15)
+  for ax, name in zip(axes, ('training loss', 'validation loss')):
+    ax.set_xlabel('step')
+    ax.set_ylabel(f'{name} (nats / token)')
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  # The start of training dwarfs the differences: show the second half of the range.
+  for ax in axes:
+    lines = [l.get_ydata() for l in ax.get_lines()]
+    if lines:
+      lo = min(float(np.min(y)) for y in lines)
+      hi = max(float(np.median(y)) for y in lines)
+      if hi > lo:
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi)
+  fig.suptitle(title)
+  _save(fig, path)

@@ -1,0 +1,284 @@
+"""Sweep results: per-run facts from the workdirs, tables over seeds, loss curves, the report.
+
+Table math (per variant, over its seeds): mean, sample standard deviation (ddof = 1; 0 for one
+seed), the difference of means to the baseline variant and its standard error
+sqrt(s_v^2 / n_v + s_b^2 / n_b) (Welch). A difference is called real only when it exceeds twice
+that standard error; with one seed on either side no spread is known.
+"""
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+from typing import Any
+
+import numpy as np
+
+from hyperconn_jax import sweep
+from hyperconn_jax.analysis import plots
+
+METRICS = ('eval_loss', 'eval_bits_per_byte', 'eval_ppl')
+
+
+def read_run(run: sweep.Run) -> dict[str, Any]:
+  """Facts of one finished run: final eval metrics, loss curves, tokens seen, wall time, config.
+
+  Returns {'run', 'config', 'final': {metric: value}, 'train': (steps, losses),
+  'eval': (steps, losses), 'tokens_seen', 'wall_s' (None if unknown)}.
+  """
+  rows = sweep.read_metrics(run.workdir)
+  with open(os.path.join(run.workdir, 'config.json')) as f:
+    config = json.load(f)
+  last = config['train']['num_steps']
+  final = [r for r in rows if r['step'] == last and 'eval_loss' in r]
+  if not final:
+    raise ValueError(f'{run.workdir}: the run is not finished (no evaluation at step {last})')
+  wall_path = os.path.join(run.workdir, sweep.RUN_FILE)
+  wall_s = None
+  if os.path.exists(wall_path):
+    with open(wall_path) as f:
+      wall_s = json.load(f)['wall_s']
+  train = [(r['step'], r['loss']) for r in rows if 'loss' in r]
+  evals = [(r['step'], r['eval_loss']) for r in rows if 'eval_loss' in r]
+  return {
+      'run': run, 'config': config, 'final': {k: final[-1][k] for k in METRICS},
+      'train': tuple(map(list, zip(*train))) if train else ([], []),
+      'eval': tuple(map(list, zip(*evals))) if evals else ([], []),
+      'tokens_seen': last * config['train']['batch_size'] * config['data']['seq_len'],
+      'eval_tokens': final[-1].get('eval_tokens'),
+      'wall_s': wall_s,
+  }
+
+
+def collect(runs: list[sweep.Run]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+  """{corpus: {experiment: [read_run of each finished seed]}}, in plan order; unfinished runs are
+  left out (the report counts the seeds it has)."""
+  out: dict[str, dict[str, list]] = {}
+  for run in runs:
+    by_exp = out.setdefault(run.corpus.name, {})
+    seeds = by_exp.setdefault(run.experiment, [])
+    if sweep.is_finished(run.workdir):
+      seeds.append(read_run(run))
+  return out
+
+
+def summarize(values: dict[str, list[float]], baseline: str) -> list[dict[str, Any]]:
+  """Per variant (in order): n, mean, std, diff (mean - baseline mean), diff_se (see module doc).
+
+  Variants without values get n = 0 and NaN statistics.
+  """
+  def stats(v):
+    v = np.asarray(v, np.float64)
+    if not len(v):
+      return 0, math.nan, math.nan
+    return len(v), float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+  n_b, mean_b, std_b = stats(values.get(baseline, []))
+  rows = []
+  for name, v in values.items():
+    n, mean, std = stats(v)
+    se = (math.sqrt(std ** 2 / n + std_b ** 2 / n_b) if n > 1 and n_b > 1 else math.nan)
+    rows.append({'variant': name, 'n': n, 'mean': mean, 'std': std, 'diff': mean - mean_b,
+                 'diff_se': se})
+  return rows
+
+
+def verdict(row: dict[str, Any], baseline: str) -> str:
+  """What the seed spread says about one variant's difference to the baseline."""
+  if row['variant'] == baseline:
+    return 'baseline'
+  if row['n'] == 0:
+    return 'no finished runs'
+  if math.isnan(row['diff_se']):
+    return 'one seed: spread unknown'
+  if row['diff'] < -2 * row['diff_se']:
+    return 'lower (beyond 2 SE)'
+  if row['diff'] > 2 * row['diff_se']:
+    return 'higher (beyond 2 SE)'
+  return 'within 2 SE (seed noise)'
+
+
+def _pm(mean: float, spread: float, digits: int = 4) -> str:
+  if math.isnan(mean):
+    return 'n/a'
+  return f'{mean:.{digits}f}' if math.isnan(spread) else f'{mean:.{digits}f} ± {spread:.{digits}f}'
+
+
+def table_rows(by_exp: dict[str, list[dict[str, Any]]], baseline: str) -> list[dict[str, Any]]:
+  """One row per experiment: loss / bits-per-byte statistics, verdict, tokens, wall time."""
+  loss = summarize({e: [r['final']['eval_loss'] for r in runs] for e, runs in by_exp.items()},
+                   baseline)
+  bpb = summarize({e: [r['final']['eval_bits_per_byte'] for r in runs]
+                   for e, runs in by_exp.items()}, baseline)
+  rows = []
+  for l, b in zip(loss, bpb):
+    runs = by_exp[l['variant']]
+    walls = [r['wall_s'] for r in runs if r['wall_s'] is not None]
+    rows.append({
+        'variant': l['variant'], 'seeds': l['n'],
+        'eval_loss_mean': l['mean'], 'eval_loss_std': l['std'],
+        'diff': l['diff'], 'diff_se': l['diff_se'], 'verdict': verdict(l, baseline),
+        'bpb_mean': b['mean'], 'bpb_std': b['std'],
+        'tokens_seen': runs[0]['tokens_seen'] if runs else None,
+        'wall_s_mean': float(np.mean(walls)) if walls else math.nan,
+    })
+  return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], about: dict[str, str],
+                   params: dict[str, dict[str, int]]) -> str:
+  """The results table in markdown."""
+  lines = ['| variant | what | seeds | params (connection) | eval loss | Δ loss vs baseline | '
+           'verdict | bits / byte | wall s / run |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    p = params.get(r['variant'])
+    p_text = f'{p["total"]:,} ({p["connection"]:,})' if p else 'n/a'
+    diff = '—' if r['verdict'] == 'baseline' else 'n/a' if math.isnan(r['diff']) else (
+        f'{r["diff"]:+.4f}' + ('' if math.isnan(r['diff_se']) else f' ± {r["diff_se"]:.4f}'))
+    wall = 'n/a' if math.isnan(r['wall_s_mean']) else f'{r["wall_s_mean"]:.0f}'
+    lines.append(f'| {r["variant"]} | {about.get(r["variant"], "")} | {r["seeds"]} | {p_text} | '
+                 f'{_pm(r["eval_loss_mean"], r["eval_loss_std"])} | {diff} | {r["verdict"]} | '
+                 f'{_pm(r["bpb_mean"], r["bpb_std"])} | {wall} |')
+  return '\n'.join(lines)
+
+
+def write_csv(rows: list[dict[str, Any]], path: str) -> None:
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def curves(by_exp: dict[str, list[dict[str, Any]]]) -> dict[str, dict]:
+  """Loss curves for plots.loss_curves: per experiment, the steps every seed logged."""
+  out = {}
+  for exp, runs in by_exp.items():
+    if not runs:
+      continue
+    entry = {}
+    for key in ('train', 'eval'):
+      steps = sorted(set.intersection(*[set(r[key][0]) for r in runs]))
+      values = [[dict(zip(*r[key]))[s] for s in steps] for r in runs]
+      entry[key] = (steps, values)
+    out[exp] = entry
+  return out
+
+
+def machine() -> dict[str, Any]:
+  """This machine: OS, CPU model and count, JAX backend and devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor() or 'unknown CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  return {'platform': platform.platform(), 'cpu': cpu, 'cpu_count': os.cpu_count(),
+          'python': platform.python_version(), 'jax': jax.__version__,
+          'backend': jax.default_backend(), 'devices': f'{jax.device_count()} x '
+                                                       f'{jax.devices()[0].device_kind}'}
+
+
+def write_corpus_results(corpus: str, by_exp: dict[str, list[dict[str, Any]]], baseline: str,
+                         about: dict[str, str], params: dict[str, dict[str, int]],
+                         out_dir: str) -> dict[str, Any]:
+  """Writes results_<corpus>.md / .csv and loss_<corpus>.png into out_dir.
+
+  Returns {'rows', 'table' (markdown), 'files'}.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  rows = table_rows(by_exp, baseline)
+  table = markdown_table(rows, about, params)
+  md, csv_path, png = (os.path.join(out_dir, f'{name}_{corpus}.{ext}') for name, ext in
+                       (('results', 'md'), ('results', 'csv'), ('loss', 'png')))
+  with open(md, 'w') as f:
+    f.write(table + '\n')
+  write_csv(rows, csv_path)
+  plots.loss_curves(curves(by_exp), png, f'{corpus}: loss per variant (mean over seeds, '
+                    'band = min to max)')
+  return {'rows': rows, 'table': table, 'files': [md, csv_path, png]}
+
+
+def _rel(path: str, start: str) -> str:
+  return os.path.relpath(path, start).replace(os.sep, '/')
+
+
+def write_report(path: str, *, command: str, collected: dict[str, dict[str, list]],
+                 corpus_results: dict[str, dict[str, Any]], analysis_files: dict[str, list[str]],
+                 baseline: str, about: dict[str, str], params: dict[str, dict[str, int]],
+                 machine_facts: dict[str, Any], analysis_tokens: dict[str, int],
+                 note: str = '') -> None:
+  """Writes the markdown report (docs/results.md) from the sweep's collected results.
+
+  Args:
+    path: the report file; figures are linked relative to it.
+    command: the command that produced it.
+    collected: from `collect`.
+    corpus_results: corpus -> write_corpus_results(...).
+    analysis_files: corpus -> PNG paths of the analyses (overlays first).
+    baseline, about, params: the baseline experiment, one-line descriptions, parameter counts.
+    machine_facts: from `machine`.
+    analysis_tokens: corpus -> number of validation tokens the analyses averaged over.
+    note: a sentence appended to the setup's wall-time line (e.g. about a shared machine).
+  """
+  start = os.path.dirname(os.path.abspath(path))
+  any_run = next(r for by_exp in collected.values() for runs in by_exp.values() for r in runs)
+  cfg = any_run['config']
+  walls = [r['wall_s'] for by_exp in collected.values() for runs in by_exp.values()
+           for r in runs if r['wall_s'] is not None]
+  n_runs = sum(len(runs) for by_exp in collected.values() for runs in by_exp.values())
+  m = cfg['model']
+  lines = [
+      '# Results', '',
+      f'Generated by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} '
+      'UTC. Every number below was measured by that command; re-running it skips finished runs '
+      'and regenerates this page.', '',
+      '## Setup', '',
+      f'- Machine: {machine_facts["cpu"]} ({machine_facts["cpu_count"]} cores), '
+      f'{machine_facts["platform"]}; JAX {machine_facts["jax"]} on {machine_facts["backend"]} '
+      f'({machine_facts["devices"]}); Python {machine_facts["python"]}.',
+      f'- Model: decoder, d_model {m["d_model"]}, {m["num_layers"]} layers, {m["num_heads"]} '
+      f'heads, MLP {m["mlp_dim"]}, vocab {m["vocab_size"]} '
+      f'(parameter counts per variant in the tables).',
+      f'- Training: {cfg["train"]["num_steps"]} steps x batch {cfg["train"]["batch_size"]} x '
+      f'{cfg["data"]["seq_len"]} tokens = {any_run["tokens_seen"]:,} tokens seen per run; '
+      f'AdamW lr {cfg["optim"]["lr"]}, {cfg["optim"]["schedule"]} schedule, '
+      f'{cfg["optim"]["warmup_steps"]} warmup steps.',
+      f'- Evaluation: the final evaluation of each run on {int(any_run["eval_tokens"] or 0):,} '
+      'validation tokens (the same tokens for every run of a corpus).',
+      f'- {n_runs} runs, {sum(walls) / 3600:.2f} h of wall time in total '
+      f'({np.mean(walls) if walls else math.nan:.0f} s per run on average).'
+      + (f' {note}' if note else ''),
+      f'- Seeds: seed s sets the initialisation and the data order. Table: mean ± sample std over '
+      f'seeds; Δ = mean − mean of `{baseline}`, ± its standard error; "beyond 2 SE" marks a '
+      'difference larger than twice that standard error.', '',
+  ]
+  for corpus, result in corpus_results.items():
+    lines += [f'## Corpus: {corpus}', '', result['table'], '',
+              f'![loss curves]({_rel(os.path.join(os.path.dirname(result["files"][0]), f"loss_{corpus}.png"), start)})', '']
+    summary = [r for r in result['rows'] if r['variant'] != baseline]
+    lower = [r['variant'] for r in summary if r['verdict'].startswith('lower')]
+    higher = [r['variant'] for r in summary if r['verdict'].startswith('higher')]
+    noise = [r['variant'] for r in summary if r['verdict'].startswith('within')]
+    lines += [f'Measured on {corpus}: lower eval loss than `{baseline}` beyond 2 SE: '
+              f'{", ".join(lower) or "none"}; higher beyond 2 SE: {", ".join(higher) or "none"}; '
+              f'within seed noise: {", ".join(noise) or "none"}.', '']
+    files = analysis_files.get(corpus, [])
+    if files:
+      lines += [f'### Analyses ({corpus}, seed 0 of each variant, '
+                f'{analysis_tokens.get(corpus, 0):,} validation tokens)', '',
+                'Representation collapse (HC Fig. 3: cosine similarity of adjacent sub-layers\' '
+                'inputs) and the composite Amax gain of the residual mixing (mHC Fig. 7; 1 for '
+                'a residual, near 1 expected for mHC):', '']
+      lines += [f'![{os.path.basename(p)}]({_rel(p, start)})' for p in files
+                if os.path.basename(p).startswith('compare_')]
+      lines += ['', 'Unrolled connection matrices (HC App. F) per variant:', '']
+      lines += [f'- [{os.path.basename(os.path.dirname(p))}]({_rel(p, start)})' for p in files
+                if os.path.basename(p).startswith('connections_')]
+      lines.append('')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines))

@@ -1,0 +1,218 @@
+"""Sweeps: a list of experiments (configs/paper.py) x seeds x corpora, run one after another in this
+process or printed as one train.py command per run for a cluster.
+
+A run lives in WORKROOT/<corpus>/<experiment>/seed<s>. It is finished when its metrics.jsonl holds
+an evaluation at the config's last step (train.num_steps); finished runs are skipped, unfinished
+ones resume from their latest checkpoint (train_lib's usual resume). Seed s sets both config.seed
+(initialisation) and config.data.shuffle_seed (data order).
+
+A corpus is 'stdlib' (the embedded corpus), a glob of text files (data.dataset='text_files'), or
+a single text file, which `prepare_corpus` splits by lines into SPLIT_PARTS files under
+WORKROOT/corpora/<name>/ (text_files needs two files or more and splits train / validation by
+file; with data.eval_fraction = 1 / SPLIT_PARTS about one part is held out, never zero).
+"""
+
+import ast
+import dataclasses
+import glob
+import json
+import os
+import shlex
+import time
+from typing import Any, Callable
+
+from configs import paper
+from hyperconn_jax import config_lib
+
+SPLIT_PARTS = 10
+RUN_FILE = 'sweep_run.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """A named dataset: the config.data overrides that select it."""
+  name: str
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  corpus: Corpus
+  experiment: str
+  seed: int
+  workdir: str
+  size: str
+  overrides: tuple[tuple[str, Any], ...] = ()  # Applied after the experiment's own config.
+
+  @property
+  def config_arg(self) -> str:
+    return f'experiment={self.experiment},size={self.size}'
+
+  def all_overrides(self) -> tuple[tuple[str, Any], ...]:
+    return (('seed', self.seed), ('data.shuffle_seed', self.seed)) + self.corpus.overrides + \
+        self.overrides
+
+
+def suite(name: str) -> tuple[str, ...]:
+  """The experiments of a suite of configs/paper.py, or a comma-separated list of experiments."""
+  names = paper.SUITES.get(name, tuple(filter(None, name.split(','))))
+  for exp in names:
+    if exp not in paper.EXPERIMENTS:
+      raise ValueError(f'--suite={name!r}: {exp!r} is neither a suite ({", ".join(paper.SUITES)})'
+                       f' nor an experiment of configs/paper.py')
+  return names
+
+
+def prepare_corpus(spec: str, workroot: str) -> Corpus:
+  """'stdlib', a glob of text files, or one text file (split into SPLIT_PARTS parts under
+  WORKROOT/corpora/<file stem>/, once; see the module docstring)."""
+  if spec == 'stdlib':
+    return Corpus('stdlib')
+  path = os.path.abspath(os.path.expanduser(spec))
+  if not os.path.isfile(path):
+    if len(glob.glob(path, recursive=True)) < 2:
+      raise ValueError(f'--corpora entry {spec!r} is not stdlib, a text file, or a glob of two '
+                       'text files or more')
+    name = os.path.basename(os.path.dirname(path.split('*')[0].rstrip('/'))) or 'text'
+    return Corpus(name, (('data.dataset', 'text_files'), ('data.text_glob', path)))
+  name = os.path.splitext(os.path.basename(path))[0]
+  out_dir = os.path.join(os.path.abspath(workroot), 'corpora', name)
+  if not os.path.exists(os.path.join(out_dir, f'part_{SPLIT_PARTS - 1:03d}.txt')):
+    with open(path, encoding='utf-8') as f:
+      lines = f.readlines()
+    if len(lines) < SPLIT_PARTS:
+      raise ValueError(f'--corpora entry {spec!r} has {len(lines)} lines; splitting it into '
+                       f'{SPLIT_PARTS} files needs at least that many')
+    os.makedirs(out_dir, exist_ok=True)
+    for i in range(SPLIT_PARTS):
+      chunk = lines[i * len(lines) // SPLIT_PARTS:(i + 1) * len(lines) // SPLIT_PARTS]
+      with open(os.path.join(out_dir, f'part_{i:03d}.txt'), 'w', encoding='utf-8') as f:
+        f.writelines(chunk)
+  return Corpus(name, (('data.dataset', 'text_files'),
+                       ('data.text_glob', os.path.join(out_dir, 'part_*.txt')),
+                       ('data.eval_fraction', 1.0 / SPLIT_PARTS)))
+
+
+def parse_overrides(items: list[str], size: str = 'cpu') -> tuple[tuple[str, Any], ...]:
+  """'train.num_steps=100' items -> ((path, typed value), ...), typed like the config's field."""
+  reference = paper.get_config(f'size={size}')
+  out = []
+  for item in items:
+    path, sep, text = item.partition('=')
+    path = path.strip().removeprefix('config.')
+    if not sep:
+      raise ValueError(f'--set {item!r}: expected path=value, e.g. train.num_steps=100')
+    current = _get(reference, path)
+    if isinstance(current, tuple):
+      value = tuple(ast.literal_eval(text))
+    else:
+      value = config_lib.parse_arg(f'v={text}', v=current).v
+    out.append((path, value))
+  return tuple(out)
+
+
+def _get(config, path: str):
+  node = config
+  for key in path.split('.'):
+    if key not in node:
+      raise ValueError(f'config has no field {path!r}')
+    node = node[key]
+  return node
+
+
+def _set(config, path: str, value) -> None:
+  *parents, leaf = path.split('.')
+  node = config
+  for key in parents:
+    node = node[key]
+  node[leaf] = value
+
+
+def plan(experiments: tuple[str, ...], seeds: int, corpora: list[Corpus], workroot: str, *,
+         size: str = 'cpu', overrides: tuple[tuple[str, Any], ...] = ()) -> list[Run]:
+  """Every (corpus, experiment, seed 0..seeds-1) run, corpus-major."""
+  return [Run(corpus, exp, seed, os.path.join(os.path.abspath(workroot), corpus.name, exp,
+                                              f'seed{seed}'), size, overrides)
+          for corpus in corpora for exp in experiments for seed in range(seeds)]
+
+
+def make_config(run: Run):
+  """The run's full, locked config."""
+  config = paper.get_config(run.config_arg)
+  for path, value in run.all_overrides():
+    _set(config, path, value)
+  return config
+
+
+def command(run: Run) -> str:
+  """The shell command that performs `run` with train.py (for a cluster)."""
+  args = ['python', 'train.py',
+          f'--config=configs/paper.py:{run.config_arg}']
+  for path, value in run.all_overrides():
+    text = str(value) if not isinstance(value, bool) else str(value).lower()
+    args.append(f'--config.{path}={text}')
+  args.append(f'--workdir={run.workdir}')
+  return ' '.join(shlex.quote(a) for a in args)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The rows of WORKDIR/metrics.jsonl ([] if absent)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def num_steps(workdir: str) -> int | None:
+  """train.num_steps of the run in `workdir` (None before it wrote config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)['train']['num_steps']
+
+
+def is_finished(workdir: str) -> bool:
+  """True when the run evaluated at its last step (train.num_steps)."""
+  last = num_steps(workdir)
+  return last is not None and any(r['step'] == last and 'eval_loss' in r
+                                  for r in read_metrics(workdir))
+
+
+def execute(runs: list[Run], *, train_fn: Callable[[Any, str], Any] | None = None,
+            log: Callable[[str], None] = print) -> dict[str, int]:
+  """Runs the unfinished runs one after another in this process; returns counts.
+
+  Each finished run gets WORKDIR/sweep_run.json with its wall time (summed over the invocations
+  that trained it).
+
+  Args:
+    runs: from `plan`.
+    train_fn: (config, workdir) -> anything; default train_lib.train_and_evaluate.
+    log: where progress lines go.
+  """
+  if train_fn is None:
+    from hyperconn_jax import train_lib  # pylint: disable=g-import-not-at-top
+    train_fn = train_lib.train_and_evaluate
+  counts = {'skipped': 0, 'trained': 0}
+  for i, run in enumerate(runs):
+    name = f'[{i + 1}/{len(runs)}] {run.corpus.name}/{run.experiment}/seed{run.seed}'
+    if is_finished(run.workdir):
+      log(f'{name}: finished, skipped')
+      counts['skipped'] += 1
+      continue
+    config = make_config(run)
+    config_lib.validate(config)
+    log(f'{name}: training in {run.workdir}')
+    start = time.perf_counter()
+    train_fn(config, run.workdir)
+    wall_s = time.perf_counter() - start
+    path = os.path.join(run.workdir, RUN_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        wall_s += json.load(f)['wall_s']
+    with open(path, 'w') as f:
+      json.dump({'wall_s': wall_s, 'command': command(run)}, f)
+    counts['trained'] += 1
+  return counts

@@ -1,0 +1,128 @@
+"""Runs a suite of configs/paper.py experiments x seeds x corpora, then writes results tables
+(markdown, CSV), loss curves and analyses (PNG), and optionally the markdown report.
+
+  python sweep.py --suite=hc_table1 --seeds=3 --size=cpu --workroot=workdirs/hc_table1
+  python sweep.py --suite=hc_table1 --size=paper --print_commands   # one train.py line per run
+  python sweep.py --suite=dhc4,mhc4 --seeds=2 --set=train.num_steps=100 --workroot=/tmp/sw
+
+The report (docs/results.md; hours on a 2-core CPU):
+
+  python sweep.py --suite=report --seeds=3 --size=cpu \
+    --corpora=stdlib,/path/to/tinyshakespeare.txt --workroot=workdirs/report \
+    --out=docs/results --report=docs/results.md
+
+Runs go to WORKROOT/<corpus>/<experiment>/seed<s>; finished runs are skipped and unfinished ones
+resume, so the same command continues an interrupted sweep. With --print_commands nothing is
+trained: run the printed commands anywhere (they share WORKROOT), then run the sweep command
+again without --print_commands to collect the results. A corpus given as one text file is split
+into parts under WORKROOT/corpora/ (hyperconn_jax/sweep.py).
+"""
+
+import os
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from hyperconn_jax import metrics
+
+_SUITE = flags.DEFINE_string('suite', None, 'A suite of configs/paper.py SUITES, or a comma-'
+                             'separated list of experiments (the first is the baseline).',
+                             required=True)
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per experiment (0 .. seeds-1).')
+_SIZE = flags.DEFINE_enum('size', 'cpu', ['tiny', 'cpu', 'paper'], 'configs/paper.py size.')
+_CORPORA = flags.DEFINE_list('corpora', ['stdlib'], "Datasets: 'stdlib', a text file (split into "
+                             'parts) or a glob of text files.')
+_WORKROOT = flags.DEFINE_string('workroot', None, 'Root of the runs\' workdirs (default '
+                                'workdirs/sweeps/<suite>).')
+_SET = flags.DEFINE_multi_string('set', [], "Config overrides for every run, e.g. "
+                                 "--set=train.num_steps=100 (repeatable).")
+_PRINT = flags.DEFINE_bool('print_commands', False, 'Print one train.py command per unfinished '
+                           'run and exit.')
+_OUT = flags.DEFINE_string('out', None, 'Directory for tables, plots and analyses (default '
+                           'WORKROOT/results).')
+_REPORT = flags.DEFINE_string('report', '', 'Also write the markdown report here '
+                              '(e.g. docs/results.md).')
+_ANALYZE = flags.DEFINE_bool('analyze', True, 'Analyse seed 0 of each experiment (collapse, gain, '
+                             'connection matrices).')
+_ANALYSIS_BATCHES = flags.DEFINE_integer('analysis_batches', 4, 'Validation batches per '
+                                         'analysis.')
+_NOTE = flags.DEFINE_string('note', '', 'A sentence added to the report\'s setup (e.g. that the '
+                            'machine was shared).')
+
+
+def _analyze(collected, out_dir):
+  """Analyses seed 0 of every experiment per corpus; returns ({corpus: PNG paths},
+  {corpus: tokens})."""
+  from hyperconn_jax.analysis import runner  # pylint: disable=g-import-not-at-top
+  files, tokens = {}, {}
+  for corpus, by_exp in collected.items():
+    results = {}
+    corpus_dir = os.path.join(out_dir, corpus)
+    for exp, runs in by_exp.items():
+      if not runs:
+        continue
+      run = runs[0]['run']
+      r = runner.analyze_checkpoint(run.workdir, 'latest', num_batches=_ANALYSIS_BATCHES.value,
+                                    out_dir=os.path.join(corpus_dir, 'analysis', exp), label=exp)
+      results[exp] = r
+      tokens[corpus] = r['num_tokens']
+      files.setdefault(corpus, []).extend(p for p in r['files'] if p.endswith('.png'))
+    compare = runner.compare(results, corpus_dir)
+    files[corpus] = [p for p in compare if p.endswith('.png')] + files.get(corpus, [])
+  return files, tokens
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  metrics.quiet_library_logs()
+  from configs import paper  # pylint: disable=g-import-not-at-top
+  from hyperconn_jax import sweep  # pylint: disable=g-import-not-at-top
+  from hyperconn_jax.analysis import results  # pylint: disable=g-import-not-at-top
+  from hyperconn_jax.models import sizes  # pylint: disable=g-import-not-at-top
+
+  experiments = sweep.suite(_SUITE.value)
+  workroot = _WORKROOT.value or os.path.join('workdirs', 'sweeps', _SUITE.value.replace(',', '_'))
+  corpora = [sweep.prepare_corpus(spec, workroot) for spec in _CORPORA.value]
+  runs = sweep.plan(experiments, _SEEDS.value, corpora, workroot, size=_SIZE.value,
+                    overrides=sweep.parse_overrides(_SET.value, _SIZE.value))
+  if _PRINT.value:
+    for run in runs:
+      if not sweep.is_finished(run.workdir):
+        print(sweep.command(run))
+    return
+  counts = sweep.execute(runs, log=logging.info)
+  logging.info('Sweep: %d trained, %d already finished.', counts['trained'], counts['skipped'])
+
+  collected = results.collect(runs)
+  out_dir = _OUT.value or os.path.join(workroot, 'results')
+  baseline = experiments[0]
+  about = {e: paper.EXPERIMENTS[e].about for e in experiments}
+  first = {}
+  for run in runs:
+    first.setdefault(run.experiment, run)
+  params = {e: sizes.param_counts(sweep.make_config(run).model) for e, run in first.items()}
+  corpus_results = {}
+  for corpus, by_exp in collected.items():
+    corpus_results[corpus] = results.write_corpus_results(corpus, by_exp, baseline, about, params,
+                                                          out_dir)
+    print(f'\n{corpus}:\n{corpus_results[corpus]["table"]}')
+  analysis_files, analysis_tokens = ({}, {})
+  if _ANALYZE.value:
+    analysis_files, analysis_tokens = _analyze(collected, out_dir)
+  if _REPORT.value:
+    command = shlex.join(['python', 'sweep.py'] + sys.argv[1:])
+    results.write_report(_REPORT.value, command=command, collected=collected,
+                         corpus_results=corpus_results, analysis_files=analysis_files,
+                         baseline=baseline, about=about, params=params,
+                         machine_facts=results.machine(), analysis_tokens=analysis_tokens,
+                         note=_NOTE.value)
+    print(f'Report: {_REPORT.value}')
+  print(f'Tables and plots: {out_dir}')
+
+
+if __name__ == '__main__':
+  app.run(main)

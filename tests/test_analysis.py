@@ -1,0 +1,158 @@
+"""Analyses: exact unrolled matrices (Pre-Norm, a permutation A_r), Amax gain (mHC vs HC), the
+collapse cosine against the decoder's own hidden states, and the checkpoint path (JSON + PNG) on a
+tiny trained model."""
+
+import json
+import os
+
+import jax.numpy as jnp
+from flax import nnx
+import numpy as np
+import pytest
+
+import helpers
+from configs import lm
+from hyperconn_jax import train_lib
+from hyperconn_jax.analysis import diagnostics, runner, trace
+from hyperconn_jax.models import build_model
+
+TOKENS_BxL = np.random.RandomState(0).randint(0, 256, (2, 16))
+WEIGHTS_BxL = np.ones((2, 16), np.float32)
+
+
+def loop_model(arg):
+  """An untrained tiny model in the loop layout (2 blocks = 4 sub-layers)."""
+  config = lm.get_config(arg + ',size=tiny')
+  return trace.loop_layout(build_model(config.model, nnx.Rngs(0)), config.model)
+
+
+def connections(model):
+  return [node for _, node in nnx.iter_graph(model) if trace._is_connection(node)]
+
+
+def tokens_of(model):
+  return diagnostics.select_tokens(trace.trace(model, TOKENS_BxL), WEIGHTS_BxL)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny HC x2 run of 10 steps (one checkpoint): its workdir."""
+  root = tmp_path_factory.mktemp('analysis')
+  config = helpers.tiny_config(helpers.write_corpus(str(root / 'corpus')), str(root / 'tfds'),
+                               num_steps=10, eval_every=10, checkpoint_every=10)
+  workdir = str(root / 'run')
+  train_lib.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_prenorm_matrix_is_all_ones_lower_triangle():
+  tokens = tokens_of(loop_model('connection=residual'))
+  result = diagnostics.connection_matrices(tokens)
+  expected = np.tril(np.ones((5, 5)))
+  np.testing.assert_allclose(result['C0'], expected)
+  np.testing.assert_allclose(result['C_streams'], expected[None])
+  gain = diagnostics.gain(tokens)
+  np.testing.assert_allclose(gain['composite_forward'], 1.0)
+  np.testing.assert_allclose(gain['composite_backward'], 1.0)
+
+
+def test_frac_at_init_is_prenorm():
+  result = diagnostics.connection_matrices(tokens_of(loop_model('connection=frac,m=2')))
+  np.testing.assert_allclose(result['C0'], np.tril(np.ones((5, 5))), atol=1e-6)
+
+
+def test_permutation_residual_gives_checkerboard():
+  """Static HC x2 with A_r = swap, A_m = e_0 (read stream 0), B = (1, 0) (write stream 0)."""
+  model = loop_model('connection=hc,n=2,dynamic=false')
+  for conn in connections(model):
+    conn.static_alpha[...] = jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    conn.static_beta[...] = jnp.array([1.0, 0.0])
+  result = diagnostics.connection_matrices(tokens_of(model))
+  # Layer j's output sits in stream 0, then alternates with each swap (k - 1 - j swaps before
+  # layer k reads stream 0). The embedding fills both streams; the output sums both.
+  expected = np.zeros((5, 5))
+  for k in range(1, 6):
+    for j in range(k):
+      if j == 0:
+        expected[k - 1, j] = 2.0 if k == 5 else 1.0
+      elif k == 5:
+        expected[k - 1, j] = 1.0
+      else:
+        expected[k - 1, j] = float((k - 1 - j) % 2 == 0)
+  np.testing.assert_allclose(result['C0'], expected, atol=1e-6)
+  # Stream i of layer k's residual (after its swap) holds layer j's output iff k - j is even for
+  # i = 0, odd for i = 1 (the output row reads the streams unswapped).
+  for i in range(2):
+    for k in range(1, 5):
+      for j in range(1, k):
+        assert result['C_streams'][i, k - 1, j] == pytest.approx(float((k - j) % 2 == i))
+  gain = diagnostics.gain(tokens_of(model))
+  np.testing.assert_allclose(gain['forward'], 1.0)  # A permutation neither grows nor shrinks.
+
+
+def test_mhc_gain_stays_near_one_while_hc_grows():
+  rng = np.random.RandomState(1)
+  mhc_model = loop_model('connection=mhc,n=4')
+  for conn in connections(mhc_model):
+    conn.phi[...] = jnp.asarray(rng.normal(size=conn.phi.shape), jnp.float32)
+    conn.bias[...] = jnp.asarray(3 * rng.normal(size=conn.bias.shape), jnp.float32)
+    conn.gate_res[...] = jnp.asarray(1.0)
+  hc_model = loop_model('connection=hc,n=4,dynamic=false')
+  for conn in connections(hc_model):
+    a = np.array(conn.static_alpha[...])
+    a[:, 1:] = 1.2 * np.eye(4) + 0.1 * rng.uniform(size=(4, 4))
+    conn.static_alpha[...] = jnp.asarray(a)
+  mhc_gain = diagnostics.gain(tokens_of(mhc_model))
+  hc_gain = diagnostics.gain(tokens_of(hc_model))
+  np.testing.assert_allclose(mhc_gain['composite_forward'], 1.0, atol=1e-4)
+  np.testing.assert_allclose(mhc_gain['composite_backward'], 1.0, atol=0.05)
+  assert hc_gain['composite_forward'][-1] > 2.0
+  assert np.all(np.diff(hc_gain['composite_forward']) > 0)
+  # The single-layer gain of this A_r: row sums 1.2 + 0.1 * (a uniform sum over 4 entries).
+  assert 1.2 < hc_gain['forward'][0] < 1.6
+
+
+def test_collapse_matches_the_decoders_hidden_states():
+  config = lm.get_config('connection=hc,n=2,size=tiny')
+  model = build_model(config.model, nnx.Rngs(0))  # Scanned layout.
+  _, hidden_Kx2xBxLxD = model(jnp.asarray(TOKENS_BxL), return_hidden=True)
+  h = np.asarray(hidden_Kx2xBxLxD).reshape(-1, *hidden_Kx2xBxLxD.shape[2:])
+  cos = np.sum(h[:-1] * h[1:], -1) / np.linalg.norm(h[:-1], axis=-1) / np.linalg.norm(h[1:],
+                                                                                      axis=-1)
+  tokens = tokens_of(trace.loop_layout(model, config.model))
+  result = diagnostics.collapse(tokens)
+  np.testing.assert_allclose(result['median'], np.median(cos.reshape(3, -1), axis=1), atol=1e-5)
+  assert np.all(tokens['cosine'] >= -1) and np.all(tokens['cosine'] <= 1 + 1e-6)
+  assert all(lo <= med <= hi for lo, med, hi in zip(result['p05'], result['median'],
+                                                    result['p95']))
+
+
+def test_analyze_checkpoint_writes_json_and_png(trained, tmp_path):
+  result = runner.analyze_checkpoint(trained, 'latest', num_batches=1)
+  assert result['step'] == 10 and result['num_tokens'] > 0
+  for name in runner.ANALYSES:
+    for ext in ('json', 'png'):
+      path = os.path.join(trained, 'analysis', f'{name}_10.{ext}')
+      assert path in result['files'] and os.path.getsize(path) > 0
+  with open(os.path.join(trained, 'analysis', 'connections_10.json')) as f:
+    saved = json.load(f)['result']
+  np.testing.assert_allclose(saved['C0'], result['connections']['C0'])
+  assert np.asarray(saved['C0']).shape == (5, 5)  # Embedding + 4 sub-layers (+ the output row).
+  assert np.asarray(saved['C_streams']).shape == (2, 5, 5)
+  stats = result['coefficients']
+  assert len(stats) == 4 and stats[0]['alpha']['shape'] == [2, 3]
+  assert np.asarray(stats[0]['alpha']['p50']).shape == (2, 3)
+  # Trained for 10 steps, the HC coefficients have moved away from their init.
+  assert not np.allclose(result['connections']['C0'][:4, :4], np.tril(np.ones((4, 4))))
+  paths = runner.compare({'a': result, 'b': result}, str(tmp_path))
+  assert sorted(os.path.basename(p) for p in paths) == [
+      'compare_collapse.json', 'compare_collapse.png', 'compare_gain.json', 'compare_gain.png']
+  with pytest.raises(ValueError, match='unknown'):
+    runner.check_analyses(['gains'])
+
+
+def test_trace_rejects_the_scanned_layout():
+  config = lm.get_config('connection=hc,n=2,size=tiny')
+  model = build_model(config.model, nnx.Rngs(0))
+  with pytest.raises(ValueError, match='loop layout'):
+    trace.trace(model, TOKENS_BxL)
