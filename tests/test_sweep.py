@@ -1,0 +1,179 @@
+"""Sweeps: paper configs, planning and commands, skip-finished logic, table math and the report
+generator on synthetic run directories (nothing is trained here)."""
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs import paper
+from hyperconn_jax import config_lib, sweep
+from hyperconn_jax.analysis import results
+
+
+def test_every_experiment_builds_a_valid_config():
+  for name in paper.EXPERIMENTS:
+    config_lib.validate(paper.get_config(f'experiment={name},size=tiny'))
+  for suite_name, rows in paper.SUITES.items():
+    assert rows and all(r in paper.EXPERIMENTS for r in rows), suite_name
+
+
+def test_experiments_map_to_the_papers_switches():
+  conn = lambda name, size='cpu': paper.get_config(  # noqa: E731
+      f'experiment={name},size={size}').model.connection
+  assert conn('prenorm').kind == 'residual_prenorm'
+  assert conn('postnorm').kind == 'residual_postnorm'
+  assert (conn('dhc8').n, conn('dhc8').dynamic, conn('dhc8').tanh) == (8, True, True)
+  assert (conn('dhc2_notanh').n, conn('dhc2_notanh').tanh) == (2, False)
+  assert (conn('shc4').dynamic, conn('shc4').tanh) == (False, False)
+  assert conn('dhc4_frozen_wc').train_width is False and conn('dhc4_frozen_wc').train_beta
+  assert conn('dhc4_notanh_frozen_b').train_beta is False
+  assert conn('mhc4_res').mappings == ('res',)
+  assert conn('mhc4_res_pre').mappings == ('res', 'pre')
+  assert set(conn('mhc4').mappings) == {'pre', 'post', 'res'}
+  assert (conn('dfc4').kind, conn('dfc4').m, conn('sfc4').dynamic) == ('frac', 4, False)
+  assert conn('dfc2_norescale').scale is False and conn('dfc2_notanh').tanh is False
+  assert conn('dfc2_nonorm').dynamic_norm == 'none'
+  assert paper.get_config('experiment=dhc4,size=paper').model.d_model == 2048
+  assert paper.get_config('experiment=olmo7b_dhc4,size=paper').model.d_model == 4096
+  assert paper.get_config('experiment=olmo7b_dhc4,size=cpu').model.d_model == 128
+  with pytest.raises(ValueError, match='experiment'):
+    paper.get_config('experiment=dhc3')
+  with pytest.raises(ValueError, match='size'):
+    paper.get_config('experiment=dhc4,size=huge')
+
+
+def test_plan_commands_and_overrides(tmp_path):
+  corpus = sweep.Corpus('text', (('data.dataset', 'text_files'),
+                                 ('data.text_glob', '/data/part_*.txt')))
+  overrides = sweep.parse_overrides(['train.num_steps=7', 'config.optim.lr=0.01'])
+  assert overrides == (('train.num_steps', 7), ('optim.lr', 0.01))
+  runs = sweep.plan(sweep.suite('prenorm,dhc4'), 2, [corpus], str(tmp_path), size='tiny',
+                    overrides=overrides)
+  assert [(r.experiment, r.seed) for r in runs] == [('prenorm', 0), ('prenorm', 1), ('dhc4', 0),
+                                                    ('dhc4', 1)]
+  assert runs[3].workdir == os.path.join(str(tmp_path), 'text', 'dhc4', 'seed1')
+  config = sweep.make_config(runs[3])
+  assert (config.seed, config.data.shuffle_seed, config.train.num_steps) == (1, 1, 7)
+  assert config.data.text_glob == '/data/part_*.txt' and config.model.connection.n == 4
+  cmd = sweep.command(runs[3])
+  assert '--config=configs/paper.py:experiment=dhc4,size=tiny' in cmd
+  assert "'--config.data.text_glob=/data/part_*.txt'" in cmd  # Quoted for the shell.
+  assert '--config.seed=1' in cmd and '--config.train.num_steps=7' in cmd
+  assert sweep.suite('hc_table3')[0] == 'dhc4'
+  with pytest.raises(ValueError, match='neither a suite'):
+    sweep.suite('dhc4,nope')
+  with pytest.raises(ValueError, match='no field'):
+    sweep.parse_overrides(['train.num_stepz=3'])
+
+
+def test_single_file_corpus_is_split_into_parts(tmp_path):
+  text = ''.join(f'line {i}\n' for i in range(95))
+  path = tmp_path / 'book.txt'
+  path.write_text(text)
+  corpus = sweep.prepare_corpus(str(path), str(tmp_path / 'root'))
+  assert corpus.name == 'book'
+  overrides = dict(corpus.overrides)
+  parts = sorted(os.listdir(tmp_path / 'root' / 'corpora' / 'book'))
+  assert len(parts) == sweep.SPLIT_PARTS
+  assert ''.join((tmp_path / 'root' / 'corpora' / 'book' / p).read_text() for p in parts) == text
+  assert overrides['data.dataset'] == 'text_files'
+  assert overrides['data.eval_fraction'] == pytest.approx(1 / sweep.SPLIT_PARTS)
+  assert sweep.prepare_corpus('stdlib', str(tmp_path)).overrides == ()
+
+
+def fake_run(workdir, *, num_steps=20, losses=(3.0, 2.5), final=None):
+  """Writes what a training run leaves behind: config.json and metrics.jsonl."""
+  os.makedirs(workdir, exist_ok=True)
+  config = json.loads(paper.get_config('experiment=prenorm,size=tiny').to_json())
+  config['train']['num_steps'] = num_steps
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  rows = [{'step': 10, 'loss': losses[0]}, {'step': 10, 'eval_loss': losses[0] + 0.1,
+                                            'eval_bits_per_byte': 4.0, 'eval_ppl': 20.0}]
+  if final is not None:
+    rows += [{'step': num_steps, 'loss': losses[1]},
+             {'step': num_steps, 'eval_loss': final, 'eval_bits_per_byte': final / math.log(2),
+              'eval_ppl': math.exp(final), 'eval_tokens': 1000.0}]
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+
+
+def test_execute_skips_finished_runs_and_records_wall_time(tmp_path):
+  runs = sweep.plan(('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path), size='tiny')
+  fake_run(runs[0].workdir, final=2.0)               # Finished.
+  fake_run(runs[1].workdir)                          # Started, not finished: resumes.
+  assert sweep.is_finished(runs[0].workdir) and not sweep.is_finished(runs[1].workdir)
+  assert not sweep.is_finished(runs[2].workdir)      # Never started.
+  trained = []
+
+  def train_fn(config, workdir):
+    trained.append((config.model.connection.kind, config.seed, workdir))
+    fake_run(workdir, num_steps=config.train.num_steps, final=2.0)
+
+  counts = sweep.execute(runs, train_fn=train_fn, log=lambda _: None)
+  assert counts == {'skipped': 1, 'trained': 3}
+  assert [t[:2] for t in trained] == [('residual_prenorm', 1), ('hc', 0), ('hc', 1)]
+  for run in runs[1:]:
+    with open(os.path.join(run.workdir, sweep.RUN_FILE)) as f:
+      assert json.load(f)['wall_s'] >= 0
+  assert not os.path.exists(os.path.join(runs[0].workdir, sweep.RUN_FILE))
+  trained.clear()
+  assert sweep.execute(runs, train_fn=train_fn, log=lambda _: None) == {'skipped': 4,
+                                                                         'trained': 0}
+  assert not trained
+
+
+def test_summary_statistics():
+  rows = results.summarize({'base': [2.0, 2.2, 2.1], 'hc': [1.9, 2.0, 1.95], 'one': [1.0],
+                            'none': []}, 'base')
+  by = {r['variant']: r for r in rows}
+  assert by['base']['n'] == 3 and by['base']['mean'] == pytest.approx(2.1)
+  assert by['base']['std'] == pytest.approx(np.std([2.0, 2.2, 2.1], ddof=1))
+  assert by['hc']['diff'] == pytest.approx(1.95 - 2.1)
+  se = math.sqrt(np.var([1.9, 2.0, 1.95], ddof=1) / 3 + np.var([2.0, 2.2, 2.1], ddof=1) / 3)
+  assert by['hc']['diff_se'] == pytest.approx(se)
+  assert by['one']['std'] == 0.0 and math.isnan(by['one']['diff_se'])
+  assert by['none']['n'] == 0 and math.isnan(by['none']['mean'])
+  assert results.verdict(by['base'], 'base') == 'baseline'
+  assert results.verdict(by['hc'], 'base').startswith('lower')  # 0.15 > 2 * 0.065.
+  assert results.verdict(by['one'], 'base').startswith('one seed')
+  assert results.verdict({'variant': 'x', 'n': 3, 'diff': 0.01, 'diff_se': 0.01},
+                         'base').startswith('within')
+  assert results.verdict({'variant': 'x', 'n': 3, 'diff': 0.05, 'diff_se': 0.01},
+                         'base').startswith('higher')
+
+
+def test_report_from_synthetic_runs(tmp_path):
+  finals = {'prenorm': (2.0, 2.1), 'dhc4': (1.8, 1.85)}
+  runs = sweep.plan(('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path / 'runs'),
+                    size='tiny')
+  for run in runs:
+    fake_run(run.workdir, final=finals[run.experiment][run.seed])
+  collected = results.collect(runs)
+  assert [len(v) for v in collected['stdlib'].values()] == [2, 2]
+  out = str(tmp_path / 'docs' / 'results')
+  params = {'prenorm': {'total': 1000, 'connection': 0}, 'dhc4': {'total': 1010, 'connection': 10}}
+  about = {'prenorm': 'Pre-Norm', 'dhc4': 'DHC x4'}
+  corpus = results.write_corpus_results('stdlib', collected['stdlib'], 'prenorm', about, params,
+                                        out)
+  for path in corpus['files']:
+    assert os.path.getsize(path) > 0
+  with open(os.path.join(out, 'results_stdlib.csv')) as f:
+    rows = {r['variant']: r for r in csv.DictReader(f)}
+  assert float(rows['dhc4']['eval_loss_mean']) == pytest.approx(1.825)
+  assert float(rows['dhc4']['diff']) == pytest.approx(1.825 - 2.05)
+  assert rows['dhc4']['seeds'] == '2'
+  assert '| dhc4 | DHC x4 | 2 | 1,010 (10) | 1.8250 ± 0.0354 | -0.2250 ± ' in corpus['table']
+  report = str(tmp_path / 'docs' / 'results.md')
+  results.write_report(report, command='python sweep.py --suite=x', collected=collected,
+                       corpus_results={'stdlib': corpus}, analysis_files={}, baseline='prenorm',
+                       about=about, params=params, machine_facts=results.machine(),
+                       analysis_tokens={}, note='A test.')
+  text = open(report).read()
+  assert '20 steps x batch 8 x 32 tokens = 5,120 tokens seen per run' in text
+  assert '![loss curves](results/loss_stdlib.png)' in text
+  assert 'beyond 2 SE: dhc4' in text and 'A test.' in text
