@@ -8,20 +8,22 @@ and the Frac-Connections ablations, each at the paper's scale or scaled down.
 Arguments (after ':', comma-separated key=value):
   experiment  a name of EXPERIMENTS (below); `python -c "from configs import paper;
               print(paper.describe())"` lists them with their tables
-  size        paper: the paper's model and training setup (OLMo-1B, or OLMo-7B for HC Table 5)
+  size        paper: the paper's model and training setup (OLMo-1B; OLMo-7B for HC Table 5;
+                     OLMoE-1B-7B for HC Table 6)
               cpu:   a 4-layer d=128 byte-level model a 2-core CPU trains in minutes (configs/lm.py)
               tiny:  seconds-long runs for tests
 Every experiment is configs/lm.py's switches plus a few overrides: this file holds one line per
 experiment and SUITES lists the rows of each table; nothing else is repeated.
 
-Not here: HC Table 4's ResiDual and AltUp rows and HC Table 6 / FC's OLMoE rows (no implementation of
-those models in this repository); the mHC paper's DeepSeek-V3-style MoE (its ablations run on the
-OLMo-1B shape at size=paper).
+HC Table 6 (OLMoE-1B-7B, suite hc_table6) uses configs/moe.py. Not here: HC Table 4's ResiDual and
+AltUp rows (no implementation of those baselines in this repository); the mHC paper's
+DeepSeek-V3-style MoE and FC's OLMoE-1.3B (their ablations run on the OLMo-1B shape at size=paper).
 """
 
 import dataclasses
+import importlib
+import importlib.util
 
-from configs import lm
 from hyperconn_jax import config_lib
 
 
@@ -32,6 +34,8 @@ class Experiment:
   overrides: tuple[tuple[str, object], ...] = ()
   paper_size: str = 'olmo_1b'
   about: str = ''
+  # The config file whose switches lm_args are: 'lm' (configs/lm.py) or 'moe' (configs/moe.py).
+  base: str = 'lm'
 
 
 def _hc(n, *, dynamic=True, tanh=True, **switches):
@@ -84,6 +88,14 @@ EXPERIMENTS = {
     'dfc2_notanh': _dfc(2, 'DFC x2 without tanh', ('model.connection.tanh', False)),
     'dfc2_nonorm': _dfc(2, 'DFC x2 without norm', ('model.connection.dynamic_norm', 'none')),
 }
+# HC Table 6 / Fig. 1: the sparse OLMoE-1B-7B (configs/moe.py), when this checkout has it.
+if importlib.util.find_spec('configs.moe') is not None:
+  EXPERIMENTS.update({
+      'olmoe_prenorm': Experiment('connection=residual', paper_size='olmoe_1b_7b', base='moe',
+                                  about='OLMoE-1B-7B residual Pre-Norm'),
+      'olmoe_dhc4': Experiment('connection=hc,n=4', paper_size='olmoe_1b_7b', base='moe',
+                               about='OLMoE-1B-7B DHC x4'),
+  })
 
 # Suites (sweep.py --suite): the rows of each table; the first entry is the baseline of the table.
 SUITES = {
@@ -95,6 +107,7 @@ SUITES = {
                   'dhc4_frozen_wc', 'dhc4_notanh_frozen_b'),
     'hc_table4': ('prenorm', 'dhc2', 'dhc2_notanh'),
     'hc_table5': ('olmo7b_prenorm', 'olmo7b_dhc4'),
+    **({'hc_table6': ('olmoe_prenorm', 'olmoe_dhc4')} if 'olmoe_dhc4' in EXPERIMENTS else {}),
     'mhc_table1': ('prenorm', 'mhc4_res', 'mhc4_res_pre', 'mhc4'),
     'mhc_vs_hc': ('prenorm', 'dhc4', 'mhc4'),
     'fc_ablation': ('prenorm', 'dfc2', 'dfc4', 'sfc4', 'dfc2_norescale', 'dfc2_notanh',
@@ -125,7 +138,8 @@ def get_config(arg=None):
     raise ValueError(f'config argument size={a.size!r} must be one of {SIZES}')
   exp = EXPERIMENTS[a.experiment]
   size = exp.paper_size if a.size == 'paper' else a.size
-  c = lm.get_config(f'{exp.lm_args},size={size}')
+  base = importlib.import_module(f'configs.{exp.base}')
+  c = base.get_config(f'{exp.lm_args},size={size}')
   for path, value in exp.overrides:
     *parents, leaf = path.split('.')
     node = c

@@ -250,8 +250,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains config.train.num_steps updates, resuming from WORKDIR/checkpoints if it holds any.
 
   Re-running with the same workdir continues exactly where the last checkpoint left off (same
-  data order via the restored iterator state, same updates). On SIGTERM the current step is saved
-  and the function returns normally.
+  data order via the restored iterator state, same updates); a damaged newest checkpoint is moved
+  aside with a warning and the previous one is used (checkpoint.Checkpointer.restore_latest). On
+  SIGTERM (single process; once the data is prepared) the current step is saved and the function
+  returns normally once the save is written.
 
   Args:
     config: the full (locked) config.
@@ -261,11 +263,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     {'step': last step, plus the last training metrics and the last eval metrics (if any)}.
 
   Raises:
-    ValueError: a bad config (before anything is compiled).
+    ValueError: a bad config or a workdir that cannot be written (before anything is compiled),
+      or checkpoints written by another number of processes.
     NonFiniteError: NaN / Inf loss, gradient or parameters (the message names the step).
+    checkpoint.DamagedCheckpointError: the workdir has checkpoints but none can be restored.
   """
   config_lib.validate(config)
   config_lib.validate_mesh_for_devices(config, jax.device_count())
+  checkpoint.ensure_writable(workdir)
   data.ensure_prepared(config)
   is_chief = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
@@ -274,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   facts = metrics_lib.run_facts(mesh)
   metrics_lib.log_run_start(workdir, config_json, facts, enabled=is_chief)
 
-  with sharding.activate(mesh, rules):
+  with sharding.activate(mesh, rules), _StopFlag() as stop:
     setup = make_setup(config, mesh, rules)
     logging.info('Model: %s parameters, %s other variables.',
                  f'{_count(setup.abstract_model["params"]):,}',
@@ -284,14 +289,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
       train_iter = data.make_train_iterator(config, process_index=jax.process_index(),
                                             process_count=jax.process_count())
-      start = ckpt.latest_step()
-      if start is None:
+      latest = ckpt.restore_latest(model=setup.abstract_model,
+                                   opt_state=setup.abstract_opt_state, data_iter=train_iter)
+      if latest is None:
         state = init_state(config, setup)
         start = 0
         logging.info('Starting from scratch (seed %d).', config.seed)
       else:
-        restored = ckpt.restore(start, model=setup.abstract_model,
-                                opt_state=setup.abstract_opt_state, data_iter=train_iter)
+        start, restored = latest
         state = TrainState(
             step=jax.device_put(jnp.asarray(start, jnp.int32), setup.state_shardings.step),
             params=restored['model']['params'], rest=restored['model']['rest'],
@@ -307,9 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         resume_step=start if start > 0 else None)
       progress = metrics_lib.Progress(enabled=is_chief, start_step=start,
                                       num_steps=config.train.num_steps)
-      with _StopFlag() as stop:
-        result = _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt,
-                       writer, progress, stop)
+      result = _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt,
+                     writer, progress, stop)
     finally:
       if progress is not None:
         progress.close()

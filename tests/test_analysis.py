@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import helpers
-from configs import lm
+from configs import base, lm
 from hyperconn_jax import train_lib
 from hyperconn_jax.analysis import diagnostics, runner, trace
 from hyperconn_jax.models import build_model
@@ -149,6 +149,28 @@ def test_analyze_checkpoint_writes_json_and_png(trained, tmp_path):
       'compare_collapse.json', 'compare_collapse.png', 'compare_gain.json', 'compare_gain.png']
   with pytest.raises(ValueError, match='unknown'):
     runner.check_analyses(['gains'])
+
+
+@pytest.mark.parametrize('model_kind', ['vit', 'moe'])
+def test_other_models_at_init_give_the_hc_prenorm_matrix(model_kind):
+  """HC x2 at init is Pre-Norm on each stream: all-ones rows, the output row sums 2 streams."""
+  config = base.get_config()
+  config.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=32)
+  config.model.connection.n = 2
+  if model_kind == 'vit':
+    config.model.name = 'vit'
+    v = config.model.vit
+    batch = {'images': np.random.RandomState(0).rand(2, v.image_size, v.image_size, v.channels)}
+  else:
+    config.model.ffn = 'moe'
+    config.model.moe.update(num_experts=4, top_k=2)
+    batch = {'inputs': TOKENS_BxL, 'weights': WEIGHTS_BxL}
+  model = trace.loop_layout(build_model(config.model, nnx.Rngs(0)), config.model)
+  result = runner.analyze_model(model, [batch], ['connections', 'gain'])
+  expected = np.tril(np.ones((5, 5)))
+  expected[-1] = 2.0
+  np.testing.assert_allclose(result['connections']['C0'], expected, atol=1e-6)
+  np.testing.assert_allclose(result['gain']['composite_forward'], 1.0, atol=1e-6)
 
 
 def test_trace_rejects_the_scanned_layout():
