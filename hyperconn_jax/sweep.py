@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from configs import paper
 from hyperconn_jax import config_lib
+from hyperconn_jax.data import builders
 
 SPLIT_PARTS = 10
 RUN_FILE = 'sweep_run.json'
@@ -73,7 +74,7 @@ def prepare_corpus(spec: str, workroot: str) -> Corpus:
     if len(glob.glob(path, recursive=True)) < 2:
       raise ValueError(f'--corpora entry {spec!r} is not stdlib, a text file, or a glob of two '
                        'text files or more')
-    name = os.path.basename(os.path.dirname(path.split('*')[0].rstrip('/'))) or 'text'
+    name = os.path.basename(builders.glob_root(path)) or 'text'
     return Corpus(name, (('data.dataset', 'text_files'), ('data.text_glob', path)))
   name = os.path.splitext(os.path.basename(path))[0]
   out_dir = os.path.join(os.path.abspath(workroot), 'corpora', name)

@@ -86,6 +86,12 @@ def test_single_file_corpus_is_split_into_parts(tmp_path):
   assert overrides['data.dataset'] == 'text_files'
   assert overrides['data.eval_fraction'] == pytest.approx(1 / sweep.SPLIT_PARTS)
   assert sweep.prepare_corpus('stdlib', str(tmp_path)).overrides == ()
+  glob_corpus = sweep.prepare_corpus(str(tmp_path / 'root' / 'corpora' / 'book' / '*.txt'),
+                                     str(tmp_path))
+  assert glob_corpus.name == 'book'
+  assert dict(glob_corpus.overrides)['data.text_glob'].endswith('book/*.txt')
+  with pytest.raises(ValueError, match='not stdlib'):
+    sweep.prepare_corpus(str(tmp_path / 'missing.txt'), str(tmp_path))
 
 
 def fake_run(workdir, *, num_steps=20, losses=(3.0, 2.5), final=None):

@@ -52,8 +52,7 @@ def connection_matrices(result: dict, path: str, title: str) -> None:
   size = c0.shape[0]
   cell = max(3.2, 0.32 * size)
   fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 1.5, rows * cell), squeeze=False)
-  vmax = max(float(np.max(np.abs(np.tril(c0)))), float(np.max(np.abs(np.tril(cs[0])))) if len(cs)
-             else 0.0, 1e-6)
+  vmax = max(float(np.max(np.abs(np.tril(c0)))), float(np.max(np.abs(np.tril(cs)))), 1e-6)
   for ax, (name, matrix) in zip(axes.flat, panels):
     _heatmap(ax, matrix, name, vmax, annotate=size <= 12)
   for ax in list(axes.flat)[len(panels):]:

@@ -226,7 +226,10 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
     note: a sentence appended to the setup's wall-time line (e.g. about a shared machine).
   """
   start = os.path.dirname(os.path.abspath(path))
-  any_run = next(r for by_exp in collected.values() for runs in by_exp.values() for r in runs)
+  finished = [r for by_exp in collected.values() for runs in by_exp.values() for r in runs]
+  if not finished:
+    raise ValueError('no finished runs to report (run the sweep, or its printed commands, first)')
+  any_run = finished[0]
   cfg = any_run['config']
   walls = [r['wall_s'] for by_exp in collected.values() for runs in by_exp.values()
            for r in runs if r['wall_s'] is not None]
