@@ -104,15 +104,15 @@ def _set(model, path: tuple, value) -> None:
     setattr(parent, path[-1], value)
 
 
-def _record(model, tokens_BxL: jax.Array) -> dict[str, Any]:
-  """Runs `model` (loop layout) on tokens with recorders in place; see `trace`."""
+def _record(model, inputs: jax.Array) -> dict[str, Any]:
+  """Runs `model` (loop layout) on its inputs with recorders in place; see `trace`."""
   conns = [(path, node) for path, node in nnx.iter_graph(model) if _is_connection(node)]
   streams = [node for _, node in nnx.iter_graph(model) if _is_streams(node)]
   if not conns or len(streams) != 1:
     raise ValueError(f'{type(model).__name__} has {len(conns)} connection modules and '
                      f'{len(streams)} Streams modules; analyses need at least one connection and '
                      'exactly one Streams module')
-  records = []
+  records, last = [], {}  # last['x']: the streams after the last connection (the reduce input).
 
   def recorder(conn):
     def call(x_BxLxNxD, branch):
@@ -125,24 +125,25 @@ def _record(model, tokens_BxL: jax.Array) -> dict[str, Any]:
 
       out = conn(x_BxLxNxD, spy)
       forms, raw = _forms(conn, x_BxLxNxD, seen['h'], seen['y'])
-      records.append({'forms': forms, 'raw': raw, 'h': seen['h'], 'x_last': out})
+      records.append({'forms': forms, 'raw': raw, 'h': seen['h']})
+      last['x'] = out
       return out
     return call
 
   for path, conn in conns:
     _set(model, path, recorder(conn))
   try:
-    model(tokens_BxL)
+    model(inputs)
   finally:
     for path, conn in conns:
       _set(model, path, conn)
   if len(records) != len(conns):
     raise ValueError(f'{len(conns)} connection modules but {len(records)} calls: analyses need '
                      'each connection called once per forward pass (the loop layout)')
-  embed_inject, out_extract = _stream_ends(streams[0], records[-1]['x_last'])
+  embed_inject, out_extract = _stream_ends(streams[0], last['x'])
   stack = lambda key: jnp.stack([r['forms'][key] for r in records])  # noqa: E731
   cosine = jnp.stack([_cosine(a['h'], b['h']) for a, b in zip(records[:-1], records[1:])]
-                     ) if len(records) > 1 else jnp.zeros((0,) + tokens_BxL.shape, jnp.float32)
+                     ) if len(records) > 1 else jnp.zeros((0,) + last['x'].shape[:-2])
   return {'extract': stack('extract'), 'res': stack('res'), 'inject': stack('inject'),
           'embed_inject': embed_inject, 'out_extract': out_extract, 'cosine': cosine,
           'raw': [r['raw'] for r in records]}
@@ -165,8 +166,9 @@ def loop_layout(model, model_config) -> nnx.Module:
   return loop
 
 
-def trace(model, tokens_BxL) -> dict[str, Any]:
-  """Runs a loop-layout model on tokens and returns, as numpy-convertible jax arrays:
+def trace(model, inputs) -> dict[str, Any]:
+  """Runs a loop-layout model on its inputs (tokens [B, L]; a ViT: images) and returns, as
+  numpy-convertible jax arrays, with [B, L] the positions of the streams:
 
     'extract' [K, B, L, N, r], 'res' [K, B, L, N, N], 'inject' [K, B, L, r, N]: the uniform form
       (module docstring) of the K connections in call order (sub-layer 1..K of HC App. F);
@@ -184,8 +186,8 @@ def trace(model, tokens_BxL) -> dict[str, Any]:
                      'config.model)')
   graphdef, state = nnx.split(model)
 
-  def run(state, tokens_BxL):
-    return _record(nnx.merge(graphdef, state), tokens_BxL)
+  def run(state, inputs):
+    return _record(nnx.merge(graphdef, state), inputs)
 
-  return jax.jit(run)(state, jnp.asarray(tokens_BxL))
+  return jax.jit(run)(state, jnp.asarray(inputs))
 
