@@ -16,24 +16,62 @@ well as the BestN policy, because orbax persists metrics only when best_fn is se
 must survive restarts.
 
 Restores take abstract targets (jax.ShapeDtypeStruct with shardings), so a checkpoint written on
-one mesh restores onto any other mesh or device count.
+one mesh restores onto any other mesh or device count. The data iterator state is per process, so
+a training run resumes only with the process count that wrote the checkpoint (checked first, with
+a clear error); the model alone (eval) restores with any.
+
+Damaged steps: `restore_latest` checks each step, newest first, for its commit marker
+(commit_success.txt), orbax's _CHECKPOINT_METADATA and every item directory, then restores it.
+When an older step restores, each newer step that failed (a missing, deleted or truncated file)
+is logged as a warning naming it and moved aside to CHECKPOINTS/<step>.damaged (kept for
+inspection, never deleted; orbax ignores the name, and training can save that step again).
 """
 
+import json
 import os
 from typing import Any
 
 from absl import logging
 import grain
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp_lib
 
 PyTree = Any
 _METRIC = 'eval_loss'
+ITEMS = ('model', 'opt_state', 'data_iter', 'config', 'meta')
+_COMMIT_MARKER = 'commit_success.txt'
+_STEP_METADATA = '_CHECKPOINT_METADATA'
+DAMAGED_SUFFIX = '.damaged'
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint step cannot be read: a file is missing, truncated or not finalized."""
 
 
 def _eval_loss(metrics: dict[str, float]) -> float:
   return metrics[_METRIC]
+
+
+def ensure_writable(workdir: str) -> None:
+  """Creates WORKDIR/checkpoints and writes (and removes) a probe file in it.
+
+  Raises:
+    ValueError naming the path if it cannot be created or written (run this before compiling).
+  """
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  probe = os.path.join(directory, f'.write_probe_{jax.process_index()}_{os.getpid()}')
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'workdir={workdir!r} is not writable ({type(e).__name__}: {e}); training '
+                     'writes its checkpoints and metrics there.') from e
 
 
 class Checkpointer:
@@ -124,6 +162,107 @@ class Checkpointer:
         meta=ocp.args.JsonSave(dict(meta, step=step)))
     self._manager.save(step, args=args, metrics=metrics, force=True)
 
+  def step_directory(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def check_step(self, step: int) -> str | None:
+    """What makes `step` incomplete (a missing marker, metadata file or item), or None.
+
+    Reads no arrays: a truncated or deleted array file is only found by restoring.
+    """
+    path = self.step_directory(step)
+    if not os.path.isfile(os.path.join(path, _COMMIT_MARKER)):
+      return f'no commit marker {_COMMIT_MARKER} (the save did not finish)'
+    try:
+      with open(os.path.join(path, _STEP_METADATA)) as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      return f'unreadable {_STEP_METADATA} ({type(e).__name__}: {e})'
+    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(path, item))]
+    if missing:
+      return f'missing items {missing}'
+    return None
+
+  def saved_process_count(self, step: int) -> int | None:
+    """The number of processes that wrote `step` (from its meta item; None if not recorded)."""
+    return self.restore_json(step, 'meta').get('process_count')
+
+  def restore_latest(self, *, model: PyTree, opt_state: PyTree | None = None,
+                     data_iter: Any = None) -> tuple[int, dict[str, Any]] | None:
+    """Restores the newest readable step; newer unreadable steps are moved aside as damaged.
+
+    A newer step counts as damaged only once an older one restored onto the same targets: that
+    proves the targets fit, so the newer step's failure is in its files. If no step restores
+    (e.g. the model config changed), nothing is moved and the error lists every step's failure.
+
+    Args: as `restore`, without the step.
+
+    Returns:
+      (step, restored items), or None if there is no checkpoint at all.
+
+    Raises:
+      ValueError: the data iterator is requested and the newest readable step was written by
+        another number of processes (its state is per process).
+      DamagedCheckpointError: no step could be restored.
+    """
+    failed = []  # (step, reason), newest first.
+    for step in reversed(self.all_steps()):
+      reason = self.check_step(step)
+      if reason is None:
+        try:
+          written_by = self.saved_process_count(step)
+        except Exception as e:  # pylint: disable=broad-except  (any unreadable meta is damage)
+          reason = _first_line(f'unreadable meta item ({type(e).__name__}: {e})')
+      if (reason is None and data_iter is not None and written_by is not None and
+          written_by != jax.process_count()):
+        raise ValueError(
+            f'checkpoint step {step} in {self.directory} was written by {written_by} processes, '
+            f'but this run has {jax.process_count()}: the data iterator state is saved per '
+            f'process and cannot be redistributed. Resume with {written_by} processes (eval.py '
+            'restores the model on any number).')
+      restored = None
+      if reason is None:
+        try:
+          restored = self.restore(step, model=model, opt_state=opt_state, data_iter=data_iter)
+        except DamagedCheckpointError as e:
+          cause = e.__cause__ or e
+          reason = _first_line(f'{type(cause).__name__}: {cause}')
+      # Every process must take the same step: a file may be unreadable from one host only.
+      if not _all_processes_agree(reason is None):
+        reason = reason or 'another process could not read it'
+      if reason is not None:
+        failed.append((step, reason))
+        continue
+      for bad_step, bad_reason in failed:
+        moved_to = self._set_aside(bad_step)
+        logging.warning('Checkpoint step %d in %s is damaged (%s); moved it to %s.', bad_step,
+                        self.directory, bad_reason, moved_to)
+      if failed:
+        logging.warning('Resuming from checkpoint step %d, the newest readable one.', step)
+      return step, restored
+    if failed:
+      raise DamagedCheckpointError(
+          f'no checkpoint in {self.directory} can be restored (nothing was moved or deleted):\n' +
+          '\n'.join(f'  step {step}: {reason}' for step, reason in failed) +
+          '\nIf the model or optimizer config changed, use a new workdir; if the files are '
+          'damaged, move those step directories away to start from scratch.')
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Renames the step directory to <step>.damaged[-k] (process 0; all processes wait)."""
+    source = self.step_directory(step)
+    target = source + DAMAGED_SUFFIX
+    k = 1
+    while os.path.exists(target):
+      k += 1
+      target = f'{source}{DAMAGED_SUFFIX}-{k}'
+    if jax.process_index() == 0:
+      os.rename(source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'hyperconn_jax_set_aside_{step}')
+    self._manager.reload()
+    return target
+
   def restore(self, step: int, *, model: PyTree, opt_state: PyTree | None = None,
               data_iter: Any = None) -> dict[str, Any]:
     """Restores `step` onto the shardings of the abstract targets.
@@ -138,7 +277,8 @@ class Checkpointer:
       {'model': ..., 'opt_state': ... (if requested)} as arrays on the targets' shardings.
 
     Raises:
-      RuntimeError naming the step directory if the checkpoint cannot be read (damaged files).
+      DamagedCheckpointError (a RuntimeError) naming the step directory if the checkpoint cannot
+      be read (damaged files).
     """
     items = {'model': ocp.args.StandardRestore(model)}
     if opt_state is not None:
@@ -148,7 +288,7 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for damaged files.
-      raise RuntimeError(
+      raise DamagedCheckpointError(
           f'cannot restore checkpoint step {step} from {os.path.join(self.directory, str(step))} '
           f'({type(e).__name__}: {e}). If it is damaged, move that directory away to use an '
           f'earlier step (available: {self.all_steps()}).') from e
@@ -170,3 +310,16 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
     logging.info('Checkpoint manager closed (%s).', self.directory)
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True if `ok` holds on every process (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+  """The first line of an error message, at most `limit` characters (tensorstore's are long)."""
+  line = text.strip().splitlines()[0] if text.strip() else text
+  return line if len(line) <= limit else line[:limit] + '...'

@@ -54,6 +54,10 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   """
   if jax.distributed.is_initialized():
     return True
+  # Processes on CPU run their cross-process collectives over TCP with gloo (jax 0.10.2's default,
+  # made explicit: without an implementation a multi-process CPU run has none).
+  if jax.config.jax_cpu_collectives_implementation is None:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   explicit = {k: v for k, v in (('coordinator_address', coordinator_address or None),
                                 ('num_processes', num_processes or None),
                                 ('process_id', None if process_id in (None, -1) else process_id))
