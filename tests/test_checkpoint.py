@@ -1,7 +1,10 @@
 """Checkpoints: retention (latest N + best N by eval loss, persisting across re-opening), step
-selection, unfinished / damaged steps, and restoring onto other meshes."""
+selection, unfinished / damaged steps (each kind of damage falls back to the previous step),
+the process count a resume needs, writability, and restoring onto other meshes."""
 
+import logging
 import os
+import shutil
 
 import grain
 import jax
@@ -131,3 +134,110 @@ def test_restore_on_other_mesh(trained_on_2x2x2, num_devices, shape):
     assert any(len(leaf.sharding.device_set) == 8 and
                leaf.addressable_shards[0].data.shape != leaf.shape
                for leaf in jax.tree.leaves(model))
+
+
+def random_items(step):
+  """small_items with a random 16 KB parameter (stored in an array file, not inline in orbax's
+  manifest) that identifies the step, and the meta of a single-process run."""
+  items = small_items(float(step))
+  w = np.random.default_rng(step).standard_normal(4096).astype(np.float32)
+  items['model'] = {'params': nnx.State({'w': jnp.asarray(w)}), 'rest': nnx.State({})}
+  items['meta'] = {'process_count': 1}
+  return items
+
+
+def _truncate_array_file(step_dir):
+  files = [os.path.join(root, name) for root, _, names in os.walk(step_dir / 'model')
+           for name in names if os.path.basename(root) == 'd']
+  largest = max(files, key=os.path.getsize)
+  assert os.path.getsize(largest) > 4096
+  os.truncate(largest, os.path.getsize(largest) // 2)
+
+
+DAMAGE = {
+    'truncated array file': _truncate_array_file,
+    'deleted array index': lambda step_dir: os.remove(step_dir / 'model' / 'manifest.ocdbt'),
+    'deleted iterator state': lambda step_dir: os.remove(step_dir / 'data_iter' /
+                                                         'process_0-of-1.json'),
+    'missing commit marker': lambda step_dir: os.remove(step_dir / 'commit_success.txt'),
+    'missing step metadata': lambda step_dir: os.remove(step_dir / '_CHECKPOINT_METADATA'),
+    'missing item': lambda step_dir: shutil.rmtree(step_dir / 'data_iter'),
+}
+
+
+def targets():
+  template = random_items(0)
+  return dict(model=abstract(template['model']), opt_state=abstract(template['opt_state']),
+              data_iter=template['data_iter'])
+
+
+@pytest.mark.parametrize('damage', sorted(DAMAGE))
+def test_damaged_latest_step_falls_back_to_previous(tmp_path, caplog, damage):
+  config = checkpoint_config(keep_latest=3, keep_best=0)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config)
+  for step in (1, 2, 3):
+    ckpt.save(step, **random_items(step))
+  ckpt.wait()
+  ckpt.close()
+  DAMAGE[damage](tmp_path / 'checkpoints' / '3')
+  reopened = checkpoint.Checkpointer(str(tmp_path), config)
+  target = targets()
+  with caplog.at_level(logging.WARNING):
+    step, restored = reopened.restore_latest(**target)
+  assert step == 2
+  np.testing.assert_array_equal(restored['model']['params']['w'],
+                                random_items(2)['model']['params']['w'])
+  np.testing.assert_array_equal(next(target['data_iter']), [2, 3])
+  moved = tmp_path / 'checkpoints' / '3.damaged'
+  assert f'Checkpoint step 3 in {tmp_path}/checkpoints is damaged' in caplog.text
+  assert f'moved it to {moved}' in caplog.text
+  assert moved.is_dir() and reopened.all_steps() == [1, 2]  # Kept aside, never deleted.
+  # Training goes on and saves step 3 again.
+  reopened.save(3, **random_items(3))
+  reopened.wait()
+  assert reopened.all_steps() == [1, 2, 3]
+  reopened.close()
+
+
+def test_nothing_restorable_moves_nothing(tmp_path):
+  config = checkpoint_config(keep_latest=3, keep_best=0)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config)
+  for step in (1, 2):
+    ckpt.save(step, **random_items(step))
+  ckpt.wait()
+  # A different model (e.g. the config changed): no step fits, and none is called damaged.
+  target = targets()
+  target['model'] = abstract({'params': nnx.State({'w': jnp.zeros((7,))}), 'rest': nnx.State({})})
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=r'(?s)nothing was moved or deleted.*step 2: .*step 1: '):
+    ckpt.restore_latest(**target)
+  assert ckpt.all_steps() == [1, 2]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+  ckpt.close()
+  empty = checkpoint.Checkpointer(str(tmp_path / 'empty'), config)
+  assert empty.restore_latest(**targets()) is None
+  empty.close()
+
+
+def test_resume_needs_the_process_count_that_saved(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), checkpoint_config())
+  items = random_items(1)
+  items['meta'] = {'process_count': 2}
+  ckpt.save(1, **items)
+  ckpt.wait()
+  with pytest.raises(ValueError, match=r'written by 2 processes, but this run has 1'):
+    ckpt.restore_latest(**targets())
+  # The model alone (eval) restores with any number of processes.
+  target = targets()
+  step, restored = ckpt.restore_latest(model=target['model'])
+  assert step == 1
+  np.testing.assert_array_equal(restored['model']['params']['w'], items['model']['params']['w'])
+  ckpt.close()
+
+
+def test_ensure_writable(tmp_path):
+  checkpoint.ensure_writable(str(tmp_path / 'new' / 'run'))
+  assert os.listdir(tmp_path / 'new' / 'run' / 'checkpoints') == []  # The probe is removed.
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(ValueError, match=r"workdir='.*/file/run' is not writable"):
+    checkpoint.ensure_writable(str(tmp_path / 'file' / 'run'))
