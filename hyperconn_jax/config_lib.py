@@ -64,8 +64,12 @@ def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
     raise ValueError(f'{field}={value!r} is invalid: {allowed}')
 
 
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(field: str, value: Any) -> None:
-  _check(isinstance(value, int) and value >= 1, field, value, 'must be an integer >= 1')
+  _check(_is_int(value) and value >= 1, field, value, 'must be an integer >= 1')
 
 
 def _validate_optim(o) -> None:
@@ -75,7 +79,7 @@ def _validate_optim(o) -> None:
   _check(o.eps > 0, 'optim.eps', o.eps, 'must be > 0')
   _check(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, 'must be >= 0')
   _check(o.schedule in SCHEDULES, 'optim.schedule', o.schedule, f'must be one of {SCHEDULES}')
-  _check(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, 'optim.warmup_steps',
+  _check(_is_int(o.warmup_steps) and o.warmup_steps >= 0, 'optim.warmup_steps',
          o.warmup_steps, 'must be an integer >= 0')
   _check(0.0 <= o.final_lr_frac <= 1.0, 'optim.final_lr_frac', o.final_lr_frac, 'must be in [0, 1]')
   _check(len(o.step_fracs) == len(o.step_factors), 'optim.step_factors', o.step_factors,
@@ -93,7 +97,7 @@ def _validate_train(config) -> None:
   t = config.train
   for name in ('batch_size', 'num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
     _positive_int(f'train.{name}', t[name])
-  _check(isinstance(t.eval_batches, int), 'train.eval_batches', t.eval_batches,
+  _check(_is_int(t.eval_batches), 'train.eval_batches', t.eval_batches,
          'must be an integer (<= 0: the whole validation split)')
   _check(t.batch_size % config.optim.grad_accum_steps == 0, 'train.batch_size', t.batch_size,
          f'must be divisible by optim.grad_accum_steps={config.optim.grad_accum_steps}')
@@ -102,23 +106,26 @@ def _validate_train(config) -> None:
            f'must be divisible by data.num_shards={config.data.num_shards}')
   c = config.checkpoint
   _positive_int('checkpoint.keep_latest', c.keep_latest)
-  _check(isinstance(c.keep_best, int) and c.keep_best >= 0, 'checkpoint.keep_best', c.keep_best,
+  _check(_is_int(c.keep_best) and c.keep_best >= 0, 'checkpoint.keep_best', c.keep_best,
          'must be an integer >= 0')
 
 
 def _validate_mesh(m) -> None:
+  _check(all(isinstance(a, str) and a for a in m.axes) and len(set(m.axes)) == len(m.axes),
+         'mesh.axes', m.axes, 'must be distinct, non-empty names')
   _check(len(m.shape) == len(m.axes), 'mesh.shape', m.shape,
          f'must have one size per axis of mesh.axes={m.axes}')
   _check(all(isinstance(s, int) and (s >= 1 or s == -1) for s in m.shape), 'mesh.shape', m.shape,
          'sizes must be integers >= 1, or -1 (fill with the remaining devices)')
   _check(sum(s == -1 for s in m.shape) <= 1, 'mesh.shape', m.shape, 'at most one entry may be -1')
   for rule in m.rules:
-    _check(len(rule) == 2 and isinstance(rule[0], str), 'mesh.rules', rule,
-           'each rule must be (logical_name, mesh_axis | tuple of mesh axes | None)')
+    _check(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str),
+           'mesh.rules', m.rules,
+           f'each rule must be (logical_name, mesh_axis | tuple of mesh axes | None), not {rule!r}')
     targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
     for axis in targets:
-      _check(axis is None or axis in m.axes, 'mesh.rules', rule,
-             f'mesh axes must be among mesh.axes={m.axes} or None')
+      _check(axis is None or axis in m.axes, 'mesh.rules', m.rules,
+             f'rule {rule!r}: mesh axes must be among mesh.axes={m.axes} or None')
 
 
 def validate_mesh_for_devices(config, num_devices: int) -> None:
@@ -144,7 +151,7 @@ def validate_mesh_for_devices(config, num_devices: int) -> None:
 def validate(config) -> None:
   """Validates every constrained field of a full config; raises ValueError before any compilation."""
   from hyperconn_jax import data, models  # Imported lazily: configs import this module.
-  _check(isinstance(config.seed, int), 'seed', config.seed, 'must be an integer')
+  _check(_is_int(config.seed), 'seed', config.seed, 'must be an integer')
   models.validate(config.model)
   data.validate(config.data)
   _validate_optim(config.optim)

@@ -1,5 +1,6 @@
 """Tests of config parsing and validation (configs/base.py defaults, parse_arg, validate)."""
 
+import ml_collections
 import pytest
 
 from configs import base
@@ -34,32 +35,147 @@ def _set(config, path, value):
   node[leaf] = value
 
 
-@pytest.mark.parametrize('path,value', [
-    ('optim.lr', 0.0),
-    ('optim.b2', 1.0),
-    ('optim.schedule', 'linear'),
-    ('optim.warmup_steps', -1),
-    ('optim.final_lr_frac', 1.5),
-    ('optim.step_fracs', (0.9, 0.8)),
-    ('optim.step_factors', (0.1,)),
-    ('optim.grad_clip', -1.0),
-    ('optim.grad_accum_steps', 0),
-    ('optim.z_loss', -1e-4),
-    ('train.batch_size', 0),
-    ('train.num_steps', 0),
-    ('train.eval_every', 0),
-    ('checkpoint.keep_latest', 0),
-    ('checkpoint.keep_best', -1),
-    ('mesh.shape', (1, -1)),
-    ('mesh.shape', (-1, -1, 1)),
-    ('mesh.shape', (0, 1, 1)),
-    ('mesh.rules', (('embed', 'model'),)),
-])
-def test_validate_names_bad_field(path, value):
+_HC, _MHC, _FRAC = ({'model.connection.kind': k} for k in ('hc', 'mhc', 'frac'))
+_MOE = {'model.ffn': 'moe'}
+_VIT = {'model.name': 'vit', 'data.dataset': 'digits'}
+
+# Every constrained field of configs/base.py with a bad value, and the settings under which the
+# field is read (e.g. Sinkhorn options only matter for model.connection.kind='mhc').
+BAD_VALUES = [
+    ('seed', True, {}),
+    ('model.name', 'gpt', {}),
+    ('model.vocab_size', 0, {}),
+    ('model.vocab_size', 100, {}),  # Smaller than the byte tokenizer's vocabulary.
+    ('model.d_model', 0, {}),
+    ('model.num_layers', 0, {}),
+    ('model.num_heads', -1, {}),
+    ('model.head_dim', 15, {}),  # RoPE needs an even head_dim.
+    ('model.mlp_dim', 0, {}),
+    ('model.norm', 'batchnorm', {}),
+    ('model.norm_eps', 0.0, {}),
+    ('model.rope_theta', -1.0, {}),
+    ('model.init_std', 0.0, {}),
+    ('model.dtype', 'float16', {}),
+    ('model.param_dtype', 'int8', {}),
+    ('model.remat_policy', 'some', {}),
+    ('model.ffn', 'sparse', {}),
+    ('model.mlp_activation', 'relu', {}),
+    ('model.connection.kind', 'nope', {}),
+    ('model.connection.n', 0, _HC),
+    ('model.connection.n', 0, _MHC),
+    ('model.connection.m', 0, _FRAC),
+    ('model.connection.m', 5, _FRAC),  # Must divide model.d_model=256.
+    ('model.connection.dynamic_norm', 'batchnorm', _HC),
+    ('model.connection.out_proj_sqrt_n', 'half', _HC),
+    ('model.connection.sinkhorn_iters', 0, _MHC),
+    ('model.connection.sinkhorn_eps', 0.0, _MHC),
+    ('model.connection.post_mult', 0.0, _MHC),
+    ('model.connection.res_init', 'random', _MHC),
+    ('model.connection.mappings', ('pre', 'bogus'), _MHC),
+    ('model.connection.reduce', 'mean', _MHC),
+    ('model.moe.num_experts', 0, _MOE),
+    ('model.moe.top_k', 0, _MOE),
+    ('model.moe.top_k', 9, _MOE),  # More than model.moe.num_experts=8.
+    ('model.moe.capacity_factor', -1.0, _MOE),
+    ('model.moe.load_balance_weight', -1.0, _MOE),
+    ('model.moe.router_z_weight', -1.0, _MOE),
+    ('model.vit.image_size', 0, _VIT),
+    ('model.vit.patch_size', 0, _VIT),
+    ('model.vit.channels', 0, _VIT),
+    ('model.vit.num_classes', 0, _VIT),
+    ('model.vit.pool', 'max', _VIT),
+    ('model.vit.dropout', 1.5, _VIT),
+    ('data.dataset', '', {}),
+    ('data.data_dir', None, {}),
+    ('data.text_glob', '', {'data.dataset': 'text_files'}),
+    ('data.text_key', '', {}),
+    ('data.train_split', '', {}),
+    ('data.eval_split', '', {}),
+    ('data.tokenizer', 'wordpiece', {}),
+    ('data.spm_path', '', {'data.tokenizer': 'sentencepiece'}),
+    ('data.seq_len', 0, {}),
+    ('data.eval_fraction', 0.0, {}),
+    ('data.shuffle_seed', -1, {}),
+    ('data.shuffle_window', -2, {}),
+    ('data.worker_count', -1, {}),
+    ('data.num_shards', -1, {}),
+    ('optim.lr', 0.0, {}),
+    ('optim.b1', 1.0, {}),
+    ('optim.b2', -0.1, {}),
+    ('optim.eps', 0.0, {}),
+    ('optim.weight_decay', -0.1, {}),
+    ('optim.schedule', 'linear', {}),
+    ('optim.warmup_steps', -1, {}),
+    ('optim.final_lr_frac', 1.5, {}),
+    ('optim.step_fracs', (0.9, 0.8), {}),
+    ('optim.step_factors', (0.1,), {}),
+    ('optim.grad_clip', -1.0, {}),
+    ('optim.grad_accum_steps', 0, {}),
+    ('optim.z_loss', -1e-4, {}),
+    ('train.batch_size', 0, {}),
+    ('train.batch_size', 12, {'data.num_shards': 8}),
+    ('train.num_steps', 0, {}),
+    ('train.log_every', 0, {}),
+    ('train.eval_every', 0, {}),
+    ('train.eval_batches', True, {}),
+    ('train.checkpoint_every', 0, {}),
+    ('checkpoint.keep_latest', 0, {}),
+    ('checkpoint.keep_best', -1, {}),
+    ('mesh.shape', (1, -1), {}),
+    ('mesh.shape', (-1, -1, 1), {}),
+    ('mesh.shape', (0, 1, 1), {}),
+    ('mesh.axes', ('data', 'data', 'tensor'), {}),
+    ('mesh.rules', (('embed', 'model'),), {}),
+    ('mesh.rules', (1,), {}),
+]
+# Fields without a constraint beyond their type.
+UNCONSTRAINED = {
+    'model.connection.alpha_scale_init', 'model.connection.beta_scale_init',
+    'model.connection.gate_init', 'model.connection.res_offdiag_logit',  # Initial values.
+    'model.connection.index_base',  # Any integer: taken modulo n.
+}
+# Checked by the image pipeline (data/images.py) when it starts, still before compilation.
+IMAGE_PIPELINE = {'data.image_key', 'data.label_key', 'data.crop_padding', 'data.crop_min_area',
+                  'data.mixup_alpha'}
+
+
+def _leaves(config, prefix=''):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def _booleans():
+  return sorted(path for path, value in _leaves(base.get_config()) if isinstance(value, bool))
+
+
+def test_every_field_is_covered():
+  covered = {row[0] for row in BAD_VALUES} | UNCONSTRAINED | IMAGE_PIPELINE | set(_booleans())
+  assert covered == {path for path, _ in _leaves(base.get_config())}
+
+
+@pytest.mark.parametrize('path,value,context', BAD_VALUES,
+                         ids=[f'{p}={v!r}' for p, v, _ in BAD_VALUES])
+def test_validate_names_field_value_and_allowed(path, value, context):
   c = base.get_config()
+  for key, setting in context.items():
+    _set(c, key, setting)
   _set(c, path, value)
-  with pytest.raises(ValueError, match=path.replace('.', r'\.')):
+  with pytest.raises(ValueError) as error:
     config_lib.validate(c)
+  message = str(error.value)
+  assert path in message and repr(value) in message, message
+  assert len(message) > len(path) + len(repr(value)) + 10, message  # Says what is allowed.
+
+
+@pytest.mark.parametrize('path', _booleans())
+def test_boolean_fields_refuse_other_types(path):
+  c = base.get_config()
+  c.lock()
+  with pytest.raises(TypeError, match=path.rpartition('.')[2]):
+    _set(c, path, 'maybe')
 
 
 def test_batch_must_divide_over_accumulation_and_mesh():
