@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hyperconn_jax import norms, params
+from hyperconn_jax import params
 from hyperconn_jax.connections import checks, mixing
 
 
@@ -74,13 +74,12 @@ class HyperConnectionBase(nnx.Module):
     beta_N = self.static_beta[...].astype(jnp.float32)
     if not self.dynamic:
       return alpha_NxM, beta_N
-    xn_BxLxNxW = norms.normalize(x_BxLxNxW, self.norm_kind, self.norm_eps)
+    # One projection for W_alpha and W_beta together; the norm's scale folds into it.
+    w_WxK = jnp.concatenate([self.dynamic_alpha[...], self.dynamic_beta[...][:, None]],
+                            axis=1).astype(jnp.float32)
     if self.norm_scale is not None:
-      xn_BxLxNxW = xn_BxLxNxW * self.norm_scale[...].astype(jnp.float32)
-    # One projection for W_alpha and W_beta together.
-    w_WxK = jnp.concatenate([self.dynamic_alpha[...], self.dynamic_beta[...][:, None]], axis=1)
-    proj_BxLxNxK = jnp.einsum('...nw,wk->...nk', xn_BxLxNxW, w_WxK.astype(jnp.float32),
-                              precision=jax.lax.Precision.HIGHEST)
+      w_WxK = self.norm_scale[...].astype(jnp.float32)[:, None] * w_WxK
+    proj_BxLxNxK = mixing.normed_projection(x_BxLxNxW, w_WxK, self.norm_kind, self.norm_eps)
     if self.tanh:
       proj_BxLxNxK = jnp.tanh(proj_BxLxNxK)
     dyn_alpha_BxLxNxM, dyn_beta_BxLxN = proj_BxLxNxK[..., :-1], proj_BxLxNxK[..., -1]

@@ -1,11 +1,61 @@
-"""The two large contractions every hyper-connection performs, in the streams' dtype.
+"""The large contractions of the hyper-connections: the dynamic projection of the normalised
+streams (float32), and the width and depth connections (in the streams' dtype).
 
-Coefficients arrive in float32 and are cast to the streams' dtype; contractions accumulate in
-float32. A coefficient tensor without leading batch axes is shared by every token (static HC).
+For the width and depth connections, coefficients arrive in float32 and are cast to the streams'
+dtype; contractions accumulate in float32. A coefficient tensor without leading batch axes is
+shared by every token (static HC).
+
+Both functions have hand-written gradients that keep D the minor axis of every big operand and
+never broadcast the branch output or the coefficients to the [B, L, N, D] shape of the streams;
+JAX's generic rules for dot_general and broadcasting multiplies make XLA materialise transposed
+or broadcast copies of stream-sized tensors there (HLO-checked on CPU).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
+
+from hyperconn_jax import norms
+
+
+def normed_projection(x_BxLxNxW: jax.Array, w_WxK: jax.Array, kind: str,
+                      eps: float) -> jax.Array:
+  """Returns normalize(x, kind, eps) @ w in float32, [B, L, N, K], without forming normalize(x).
+
+  The norm is folded into the projection (as mHC's Eqs. 14-16 do for RMSNorm): with per-stream
+  mean mu and inverse std r, ((x - mu) r) @ w = r (x @ w - mu sum_w(w)). The big tensor is read by
+  one projection and the statistics' reductions; no normalised copy of the streams is written in
+  the forward pass nor read back in the backward pass. The statistics are those of
+  norms.normalize (two-pass variance), so the result equals normalize(x) @ w up to rounding.
+
+  Args:
+    x_BxLxNxW: [..., W] streams or fractions, any float dtype.
+    w_WxK: [W, K] projection (float32).
+    kind: 'layernorm' | 'rmsnorm' | 'none' (see norms.normalize).
+    eps: added to the variance.
+  """
+  x = x_BxLxNxW.astype(jnp.float32)
+  w_WxK = w_WxK.astype(jnp.float32)
+  proj_BxLxNxK = jnp.einsum('...w,wk->...k', x, w_WxK, precision=jax.lax.Precision.HIGHEST)
+  if kind == 'none':
+    return proj_BxLxNxK
+  if kind == 'layernorm':
+    mean_BxLxNx1 = jnp.mean(x, axis=-1, keepdims=True)
+    var_BxLxNx1 = jnp.mean(jnp.square(x - mean_BxLxNx1), axis=-1, keepdims=True)
+    proj_BxLxNxK = proj_BxLxNxK - mean_BxLxNx1 * jnp.sum(w_WxK, axis=0)
+  elif kind == 'rmsnorm':
+    var_BxLxNx1 = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+  else:
+    raise ValueError(f'norm kind must be one of {norms.NORM_KINDS}, got {kind!r}')
+  return proj_BxLxNxK * jax.lax.rsqrt(var_BxLxNx1 + eps)
+
+
+def _token_dot(lhs, rhs, contract: tuple[int, int]):
+  """Per-token matmul: the leading ndim - 2 axes of both operands are batch axes."""
+  batch = tuple(range(lhs.ndim - 2))
+  return jax.lax.dot_general(lhs, rhs, (((contract[0],), (contract[1],)), (batch, batch)),
+                             preferred_element_type=jnp.float32)
 
 
 def mix_streams(coef_NxM: jax.Array, x_BxLxNxD: jax.Array) -> jax.Array:
@@ -15,10 +65,33 @@ def mix_streams(coef_NxM: jax.Array, x_BxLxNxD: jax.Array) -> jax.Array:
     coef_NxM: [N, M] (shared by all tokens) or [B, L, N, M] (per token), any float dtype.
     x_BxLxNxD: the streams [B, L, N, D].
   """
-  spec = 'nm,...nd->...md' if coef_NxM.ndim == 2 else '...nm,...nd->...md'
-  y_BxLxMxD = jnp.einsum(spec, coef_NxM.astype(x_BxLxNxD.dtype), x_BxLxNxD,
-                         preferred_element_type=jnp.float32)
-  return y_BxLxMxD.astype(x_BxLxNxD.dtype)
+  # One small (M x N) @ (N x D) matmul per token, token axes as batch axes: its output is
+  # already [B, L, M, D]. A shared coefficient is broadcast to every token (N x M floats each).
+  coef_BxLxNxM = jnp.broadcast_to(coef_NxM, (*x_BxLxNxD.shape[:-2], *coef_NxM.shape[-2:]))
+  return _mix(coef_BxLxNxM, x_BxLxNxD)
+
+
+@jax.custom_vjp
+def _mix(coef_BxLxNxM, x_BxLxNxD):
+  nd = x_BxLxNxD.ndim
+  y = _token_dot(coef_BxLxNxM.astype(x_BxLxNxD.dtype), x_BxLxNxD, (nd - 2, nd - 2))
+  return y.astype(x_BxLxNxD.dtype)
+
+
+def _mix_fwd(coef_BxLxNxM, x_BxLxNxD):
+  return _mix(coef_BxLxNxM, x_BxLxNxD), (coef_BxLxNxM, x_BxLxNxD)
+
+
+def _mix_bwd(residuals, dy_BxLxMxD):
+  coef_BxLxNxM, x_BxLxNxD = residuals
+  nd = x_BxLxNxD.ndim
+  # dx[n, :] = sum_m coef[n, m] dy[m, :]  and  dcoef[n, m] = <x[n, :], dy[m, :]>, per token.
+  dx = _token_dot(coef_BxLxNxM.astype(x_BxLxNxD.dtype), dy_BxLxMxD, (nd - 1, nd - 2))
+  dcoef = _token_dot(x_BxLxNxD, dy_BxLxMxD, (nd - 1, nd - 1))
+  return dcoef.astype(coef_BxLxNxM.dtype), dx.astype(x_BxLxNxD.dtype)
+
+
+_mix.defvjp(_mix_fwd, _mix_bwd)
 
 
 def add_branch(beta_N: jax.Array, y_BxLxNxD: jax.Array, res_BxLxNxD: jax.Array) -> jax.Array:
@@ -29,6 +102,39 @@ def add_branch(beta_N: jax.Array, y_BxLxNxD: jax.Array, res_BxLxNxD: jax.Array) 
     y_BxLxNxD: the branch output, broadcastable to res (HC passes [B, L, 1, D]).
     res_BxLxNxD: the mixed residual streams [B, L, N, D].
   """
-  out = (beta_N[..., None] * y_BxLxNxD.astype(jnp.float32)
+  beta_BxLxN = jnp.broadcast_to(beta_N, res_BxLxNxD.shape[:-1])
+  y_BxLxNxD = jnp.broadcast_to(y_BxLxNxD, (*res_BxLxNxD.shape[:-2], y_BxLxNxD.shape[-2],
+                                           res_BxLxNxD.shape[-1]))
+  return _add_branch(beta_BxLxN, y_BxLxNxD, res_BxLxNxD)
+
+
+@jax.custom_vjp
+def _add_branch(beta_BxLxN, y_BxLxKxD, res_BxLxNxD):
+  out = (beta_BxLxN[..., None] * y_BxLxKxD.astype(jnp.float32)
          + res_BxLxNxD.astype(jnp.float32))
   return out.astype(res_BxLxNxD.dtype)
+
+
+def _add_branch_fwd(beta_BxLxN, y_BxLxKxD, res_BxLxNxD):
+  return _add_branch(beta_BxLxN, y_BxLxKxD, res_BxLxNxD), (beta_BxLxN, y_BxLxKxD, res_BxLxNxD)
+
+
+def _add_branch_bwd(residuals, dout_BxLxNxD):
+  beta_BxLxN, y_BxLxKxD, res_BxLxNxD = residuals
+  nd = dout_BxLxNxD.ndim
+  # Both reductions over the big cotangent are per-token matmuls (XLA's CPU reductions would
+  # need beta and y broadcast to the full [B, L, N, D] shape first).
+  if y_BxLxKxD.shape[-2] == 1:  # One branch output for every stream.
+    # dbeta[n] = <dout[n, :], y>,  dy = sum_n beta[n] dout[n, :].
+    dbeta = _token_dot(dout_BxLxNxD, y_BxLxKxD.astype(dout_BxLxNxD.dtype), (nd - 1, nd - 1))[..., 0]
+    dy = _token_dot(beta_BxLxN[..., None].astype(dout_BxLxNxD.dtype), dout_BxLxNxD,
+                    (nd - 2, nd - 2))
+  else:  # One branch output per stream (Frac-Connections' fractions).
+    dout = dout_BxLxNxD.astype(jnp.float32)
+    dbeta = jnp.sum(dout * y_BxLxKxD.astype(jnp.float32), axis=-1)
+    dy = beta_BxLxN[..., None] * dout
+  return (dbeta.astype(beta_BxLxN.dtype), dy.astype(y_BxLxKxD.dtype),
+          dout_BxLxNxD.astype(res_BxLxNxD.dtype))
+
+
+_add_branch.defvjp(_add_branch_fwd, _add_branch_bwd)
