@@ -60,8 +60,13 @@ def ensure_writable(workdir: str) -> None:
   """Creates WORKDIR/checkpoints and writes (and removes) a probe file in it.
 
   Raises:
-    ValueError naming the path if it cannot be created or written (run this before compiling).
+    ValueError naming the path if it cannot be created or written (run this before compiling), or
+    if it is a URL: the run's metrics and config are written with local file I/O, so a bucket
+    must be mounted (e.g. gcsfuse) and given as a local path.
   """
+  if '://' in workdir:
+    raise ValueError(f'workdir={workdir!r}: remote URLs are not supported; mount the bucket '
+                     '(e.g. with gcsfuse) and pass the local path.')
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   probe = os.path.join(directory, f'.write_probe_{jax.process_index()}_{os.getpid()}')
   try:

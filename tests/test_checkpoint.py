@@ -241,3 +241,5 @@ def test_ensure_writable(tmp_path):
   (tmp_path / 'file').write_text('')
   with pytest.raises(ValueError, match=r"workdir='.*/file/run' is not writable"):
     checkpoint.ensure_writable(str(tmp_path / 'file' / 'run'))
+  with pytest.raises(ValueError, match=r"workdir='gs://bucket/run': remote URLs"):
+    checkpoint.ensure_writable('gs://bucket/run')
