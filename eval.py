@@ -1,4 +1,5 @@
-"""Evaluates a checkpoint of a training run on the validation split (loss, perplexity, bits/byte).
+"""Evaluates a checkpoint of a training run on the validation split (language models: loss,
+perplexity, bits/byte; classifiers (model.name='vit'): loss and top-1 accuracy).
 
   python eval.py --workdir=workdirs/run1 --step=best
   python eval.py --workdir=DIR --step=1000 --eval_batches=0 --mesh_shape=1,-1,1
@@ -79,11 +80,12 @@ def evaluate_checkpoint(workdir: str, step: str = 'latest', **overrides) -> dict
 
   Returns:
     {'step': the checkpoint step, 'eval_loss', 'eval_ppl', 'eval_bits_per_byte', 'eval_tokens',
-     'eval_batches'}; also written to WORKDIR/eval_<step>.json by process 0.
+     'eval_batches'} (classifiers: 'eval_loss', 'eval_accuracy', 'eval_examples' instead of the
+    LM metrics); also written to WORKDIR/eval_<step>.json by process 0.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from hyperconn_jax import (checkpoint, config_lib, data, evaluation, sharding,  # pylint: disable=g-import-not-at-top
-                             train_lib)
+                             tasks, train_lib)
   config = load_config(workdir, **overrides)
   config_lib.validate(config)
   config_lib.validate_mesh_for_devices(config, jax.device_count())
@@ -97,7 +99,7 @@ def evaluate_checkpoint(workdir: str, step: str = 'latest', **overrides) -> dict
       graphdef, abstract, _ = train_lib.abstract_model_state(config.model, mesh, rules)
       model = ckpt.restore(checkpoint_step, model=abstract)['model']
       evaluator = evaluation.Evaluator(config, graphdef, jax.tree.map(lambda x: x.sharding, abstract),
-                                       sharding.batch_sharding(mesh, rules))
+                                       tasks.batch_sharding(config, mesh, rules))
       result = evaluator(model)
   finally:
     ckpt.close()

@@ -1,4 +1,5 @@
-"""Language-model evaluation on the validation split: loss, perplexity, bits per byte.
+"""Evaluation on the validation split: for language models loss, perplexity, bits per byte;
+for classifiers (tasks.py) loss and top-1 accuracy.
 
 Bits per byte = (summed cross-entropy in nats) / (UTF-8 bytes of the target tokens) / ln 2; the
 bytes come from the tokenizer's `token_bytes` table, so the number is comparable across tokenizers.
@@ -16,7 +17,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hyperconn_jax import data
-from hyperconn_jax import optim
+from hyperconn_jax import models
+from hyperconn_jax import tasks
 
 PyTree = Any
 KEYS = ('eval_loss', 'eval_ppl', 'eval_bits_per_byte', 'eval_tokens')
@@ -48,11 +50,7 @@ class Evaluator:
 
     def eval_step(model, batch, token_bytes, sums):
       net = nnx.merge(graphdef, model['params'], model['rest'])
-      logits_BxLxV = net(batch['inputs'])
-      loss = optim.lm_loss_sums(logits_BxLxV, batch['targets'], batch['weights'], 0.0)
-      bytes_BxL = token_bytes[batch['targets']] * batch['weights']
-      new = {'ce': loss['ce'], 'weight': loss['weight'], 'bytes': jnp.sum(bytes_BxL)}
-      return jax.tree.map(jnp.add, sums, new)
+      return jax.tree.map(jnp.add, sums, tasks.eval_sums(config, net, batch, token_bytes))
 
     batch_shardings = {k: batch_sharding for k in ('inputs', 'targets', 'weights')}
     self._step = jax.jit(eval_step,
@@ -69,10 +67,11 @@ class Evaluator:
 
     Returns:
       {'eval_loss': nats per token, 'eval_ppl': exp(eval_loss), 'eval_bits_per_byte': ...,
-       'eval_tokens': number of (weighted) target tokens}.
+       'eval_tokens': number of (weighted) target tokens}; for classifiers
+      tasks.classification_results: {'eval_loss', 'eval_accuracy', 'eval_examples'}.
     """
     num_batches = self._config.train.eval_batches if num_batches is None else num_batches
-    sums = jax.device_put({k: np.zeros((), np.float32) for k in ('ce', 'weight', 'bytes')},
+    sums = jax.device_put({k: np.zeros((), np.float32) for k in tasks.eval_sum_keys(self._config)},
                           self._replicated)
     batches = data.make_eval_iterator(self._config, process_index=jax.process_index(),
                                       process_count=jax.process_count(), num_batches=num_batches)
@@ -82,6 +81,8 @@ class Evaluator:
     tokens = float(sums['weight'])
     if tokens == 0:
       raise ValueError(f'the eval split {self._config.data.eval_split!r} gave no tokens')
+    if models.task(self._config.model) == 'classification':
+      return tasks.classification_results(sums)
     loss = float(sums['ce']) / tokens
     return {
         'eval_loss': loss,

@@ -36,6 +36,7 @@ from hyperconn_jax import evaluation
 from hyperconn_jax import metrics as metrics_lib
 from hyperconn_jax import optim
 from hyperconn_jax import sharding
+from hyperconn_jax import tasks
 
 PyTree = Any
 
@@ -133,7 +134,7 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
   return Setup(mesh=mesh, rules=rules, graphdef=graphdef, abstract_model=abstract_model, tx=tx,
                schedule=schedule, state_shardings=state_shardings,
                abstract_opt_state=abstract_opt_state,
-               batch_sharding=sharding.batch_sharding(mesh, rules))
+               batch_sharding=tasks.batch_sharding(config, mesh, rules))
 
 
 def init_state(config: ml_collections.ConfigDict, setup: Setup) -> TrainState:
@@ -152,20 +153,21 @@ def init_state(config: ml_collections.ConfigDict, setup: Setup) -> TrainState:
 def make_train_step(config: ml_collections.ConfigDict, setup: Setup):
   """The jitted update: (TrainState, global batch) -> (TrainState, metrics); the state is donated.
 
-  Metrics (replicated float32 scalars): loss (mean cross-entropy per weighted token), z_loss
-  (mean logsumexp^2, unscaled), grad_norm (before clipping), param_norm (after the update),
-  lr (of this update), tokens (weighted target tokens in the batch).
+  Metrics (replicated float32 scalars): loss (mean cross-entropy per weighted token / example),
+  z_loss (mean logsumexp^2, unscaled), grad_norm (before clipping), param_norm (after the update),
+  lr (of this update), tokens (weighted target tokens / examples in the batch), and the task's
+  own (tasks.train_metrics: classification accuracy, MoE auxiliary losses and expert load).
+  Models with dropout get a key folded from config.seed and the step.
   """
   graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
-  z_loss = config.optim.z_loss
   num_microbatches = config.optim.grad_accum_steps
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+
     def sums_fn(params, microbatch):
       net = nnx.merge(graphdef, params, state.rest)
-      logits_BxLxV = net(microbatch['inputs'])
-      return optim.lm_loss_sums(logits_BxLxV, microbatch['targets'], microbatch['weights'],
-                                z_loss)
+      return tasks.loss_sums(config, net, microbatch, dropout_key)
 
     sums, grads = optim.accumulated_grads(sums_fn, state.params, batch, num_microbatches)
     denom = jnp.maximum(sums['weight'], 1.0)
@@ -173,12 +175,10 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        'loss': sums['ce'] / denom,
-        'z_loss': sums['z'] / denom,
+        **tasks.train_metrics(sums, denom),
         'grad_norm': optax.tree.norm(grads),
         'param_norm': optax.tree.norm(params),
         'lr': schedule(state.step),
-        'tokens': sums['weight'],
     }
     new_state = TrainState(step=state.step + 1, params=params, rest=state.rest,
                            opt_state=opt_state)

@@ -284,7 +284,7 @@ def test_param_counts(size, kind, opts, total, extra):
 
 
 @pytest.mark.parametrize('field, value', [
-    ('name', 'vit'), ('vocab_size', 0), ('d_model', -8), ('d_model', 32.0), ('num_layers', True),
+    ('name', 'resnet'), ('vocab_size', 0), ('d_model', -8), ('d_model', 32.0), ('num_layers', True),
     ('num_heads', 0), ('head_dim', 15), ('head_dim', 0), ('mlp_dim', -1), ('norm', 'batchnorm'),
     ('norm_eps', 0.0), ('rope_theta', -1.0), ('init_std', 0), ('qk_norm', 'yes'),
     ('tie_embeddings', 1), ('scan_layers', None), ('dtype', 'float16'), ('param_dtype', 'int8'),

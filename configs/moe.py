@@ -1,0 +1,80 @@
+"""MoE decoder in the OLMoE style (model.ffn='moe') with any connection.
+
+  python train.py --config=configs/moe.py:connection=hc,n=4,size=cpu --workdir=workdirs/moe_dhc4
+  python train.py --config=configs/moe.py:connection=residual,size=cpu --workdir=workdirs/moe_prenorm
+  python train.py --config=configs/moe.py:connection=hc,n=4,size=olmoe_1b_7b --workdir=DIR  # pod
+
+Arguments (after ':', comma-separated key=value):
+  connection  residual (= residual_prenorm) | residual_prenorm | residual_postnorm | hc | mhc | frac
+  n, m        HC / mHC expansion rate, Frac-Connections frac-rate
+  dynamic     static (SHC / SFC) or dynamic (DHC / DFC) coefficients (tanh follows dynamic)
+  size        tiny | cpu | olmoe_1b_7b  (model shape and matching training setup)
+  capacity_factor  0 (dropless, the default) or the experts' capacity factor (> 0)
+Leaves can still be overridden: --config.model.moe.top_k=4 --config.optim.lr=1e-3 ...
+"""
+
+from configs import base
+from hyperconn_jax import config_lib
+from hyperconn_jax.models import sizes
+
+_CONNECTIONS = {'residual': 'residual_prenorm'}
+
+
+def _cpu(c):
+  """8 experts, top-2, on the embedded byte-level corpus: minutes on a 2-core CPU."""
+  c.model.update(dict(vocab_size=256, d_model=128, num_layers=4, num_heads=4, head_dim=32,
+                      mlp_dim=256, tie_embeddings=True))
+  c.model.moe.update(dict(num_experts=8, top_k=2))
+  c.data.seq_len = 128
+  c.train.update(dict(batch_size=16, num_steps=300, log_every=10, eval_every=100,
+                      eval_batches=10, checkpoint_every=100))
+  c.optim.update(dict(lr=3e-3, warmup_steps=30))
+
+
+def _tiny(c):
+  """Seconds-long runs for tests and smoke checks: 4 experts, top-2."""
+  c.model.update(dict(vocab_size=256, d_model=32, num_layers=2, num_heads=2, head_dim=16,
+                      mlp_dim=32, tie_embeddings=True))
+  c.model.moe.update(dict(num_experts=4, top_k=2))
+  c.data.seq_len = 32
+  c.train.update(dict(batch_size=8, num_steps=40, log_every=5, eval_every=20, eval_batches=2,
+                      checkpoint_every=20))
+  c.optim.update(dict(lr=3e-3, warmup_steps=5))
+
+
+def _olmoe(c):
+  """OLMoE-1B-7B (OLMoE paper): 4096-token sequences, 1024 per batch (4M tokens), AdamW lr 4e-4
+  (0.9, 0.95, wd 0.1), 2500 warmup steps, cosine to 10%; 500B tokens as in the HC paper.
+
+  Needs a tokenized corpus (OLMoE-mix is not in TFDS): set --config.data.dataset and a
+  SentencePiece model of at most model.vocab_size pieces (--config.data.spm_path).
+  """
+  sizes.apply_size(c.model, 'olmoe_1b_7b')
+  c.model.dtype = 'bfloat16'
+  c.model.remat_policy = 'dots_no_batch'
+  c.data.update(dict(dataset='c4', tokenizer='sentencepiece', seq_len=4096))
+  c.optim.update(dict(lr=4e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, schedule='cosine',
+                      warmup_steps=2500, final_lr_frac=0.1, grad_clip=1.0))
+  # 500B tokens at 1024 x 4096 tokens per step.
+  c.train.update(dict(batch_size=1024, num_steps=119_209, log_every=50, eval_every=2000,
+                      eval_batches=100, checkpoint_every=1000))
+
+
+_SIZES = {'tiny': _tiny, 'cpu': _cpu, 'olmoe_1b_7b': _olmoe}
+
+
+def get_config(arg=None):
+  """Returns the config for the switches in `arg` (see the module docstring)."""
+  a = config_lib.parse_arg(arg, connection='hc', n=4, m=4, dynamic=True, size='cpu',
+                           capacity_factor=0.0)
+  if a.size not in _SIZES:
+    raise ValueError(f'config argument size={a.size!r} must be one of {tuple(_SIZES)}')
+  c = base.get_config()
+  c.model.ffn = 'moe'
+  _SIZES[a.size](c)
+  c.model.moe.capacity_factor = a.capacity_factor
+  conn = c.model.connection
+  conn.kind = _CONNECTIONS.get(a.connection, a.connection)
+  conn.update(dict(n=a.n, m=a.m, dynamic=a.dynamic, tanh=a.dynamic))
+  c.lock()
+  return c
