@@ -1,9 +1,10 @@
 """train.py as subprocesses for the reliability and multi-process tests.
 
 Every run trains configs/lm.py:size=tiny on a small text_files corpus with OVERRIDES (12 updates,
-metrics every step, checkpoints at 4, 6 (eval), 8 and 12 (eval)) through tests/paced_train.py, so
-a test can slow the updates down and signal the process in the middle of the run. data.num_shards=2
-makes the global batches the same for one process with 8 devices and two processes with 4 each.
+metrics every step, checkpoints at 4, 6 (eval), 8 and 12 (eval), all kept) through
+tests/paced_train.py, so a test can slow the updates down and signal the process in the middle of
+the run. data.num_shards=2 makes the global batches the same for one process with 8 devices and
+two processes with 4 each.
 
 The corpus, its prepared dataset and an uninterrupted reference run are made once per pytest
 session (under the session's base temp directory) and shared by both test modules. Runs of the
@@ -35,6 +36,7 @@ OVERRIDES = {
     'train.log_every': 1,
     'train.eval_every': 6,
     'train.checkpoint_every': 4,
+    'checkpoint.keep_latest': 4,
 }
 # Any single run finishes well within this on a loaded 2-core machine; a hung one is killed.
 RUN_TIMEOUT_S = 420
