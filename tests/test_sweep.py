@@ -177,6 +177,10 @@ def test_report_from_synthetic_runs(tmp_path):
   assert float(rows['dhc4']['diff']) == pytest.approx(1.825 - 2.05)
   assert rows['dhc4']['seeds'] == '2'
   assert '| dhc4 | DHC x4 | 2 | 1,010 (10) | 1.8250 ± 0.0354 | -0.2250 ± ' in corpus['table']
+  one_seed = results.markdown_table(results.table_rows(
+      {'prenorm': collected['stdlib']['prenorm'][:1], 'dhc4': collected['stdlib']['dhc4'][:1]},
+      'prenorm'), about, params)
+  assert '| 1.8000 | -0.2000 | one seed: spread unknown |' in one_seed
   report = str(tmp_path / 'docs' / 'results.md')
   results.write_report(report, command='python sweep.py --suite=x', collected=collected,
                        corpus_results={'stdlib': corpus}, analysis_files={}, baseline='prenorm',

@@ -100,10 +100,11 @@ def verdict(row: dict[str, Any], baseline: str) -> str:
   return 'within 2 SE (seed noise)'
 
 
-def _pm(mean: float, spread: float, digits: int = 4) -> str:
-  if math.isnan(mean):
+def _pm(mean: float, spread: float, n: int, digits: int = 4) -> str:
+  """'mean ± spread', or the mean alone from one seed (no spread), or 'n/a' from none."""
+  if n == 0 or math.isnan(mean):
     return 'n/a'
-  return f'{mean:.{digits}f}' if math.isnan(spread) else f'{mean:.{digits}f} ± {spread:.{digits}f}'
+  return f'{mean:.{digits}f}' if n < 2 else f'{mean:.{digits}f} ± {spread:.{digits}f}'
 
 
 def table_rows(by_exp: dict[str, list[dict[str, Any]]], baseline: str) -> list[dict[str, Any]]:
@@ -140,8 +141,8 @@ def markdown_table(rows: list[dict[str, Any]], about: dict[str, str],
         f'{r["diff"]:+.4f}' + ('' if math.isnan(r['diff_se']) else f' ± {r["diff_se"]:.4f}'))
     wall = 'n/a' if math.isnan(r['wall_s_mean']) else f'{r["wall_s_mean"]:.0f}'
     lines.append(f'| {r["variant"]} | {about.get(r["variant"], "")} | {r["seeds"]} | {p_text} | '
-                 f'{_pm(r["eval_loss_mean"], r["eval_loss_std"])} | {diff} | {r["verdict"]} | '
-                 f'{_pm(r["bpb_mean"], r["bpb_std"])} | {wall} |')
+                 f'{_pm(r["eval_loss_mean"], r["eval_loss_std"], r["seeds"])} | {diff} | '
+                 f'{r["verdict"]} | {_pm(r["bpb_mean"], r["bpb_std"], r["seeds"])} | {wall} |')
   return '\n'.join(lines)
 
 
@@ -267,9 +268,11 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
     lower = [r['variant'] for r in summary if r['verdict'].startswith('lower')]
     higher = [r['variant'] for r in summary if r['verdict'].startswith('higher')]
     noise = [r['variant'] for r in summary if r['verdict'].startswith('within')]
+    single = [r['variant'] for r in summary if r['verdict'].startswith('one seed')]
     lines += [f'Measured on {corpus}: lower eval loss than `{baseline}` beyond 2 SE: '
               f'{", ".join(lower) or "none"}; higher beyond 2 SE: {", ".join(higher) or "none"}; '
-              f'within seed noise: {", ".join(noise) or "none"}.', '']
+              f'within seed noise: {", ".join(noise) or "none"}'
+              + (f'; one seed, spread unknown: {", ".join(single)}' if single else '') + '.', '']
     files = analysis_files.get(corpus, [])
     if files:
       lines += [f'### Analyses ({corpus}, seed 0 of each variant, '
