@@ -22,7 +22,6 @@ DeepSeek-V3-style MoE and FC's OLMoE-1.3B (their ablations run on the OLMo-1B sh
 
 import dataclasses
 import importlib
-import importlib.util
 
 from hyperconn_jax import config_lib
 
@@ -87,15 +86,12 @@ EXPERIMENTS = {
     'dfc2_norescale': _dfc(2, 'DFC x2 without rescale', ('model.connection.scale', False)),
     'dfc2_notanh': _dfc(2, 'DFC x2 without tanh', ('model.connection.tanh', False)),
     'dfc2_nonorm': _dfc(2, 'DFC x2 without norm', ('model.connection.dynamic_norm', 'none')),
+    # HC Table 6 / Fig. 1: the sparse OLMoE-1B-7B (configs/moe.py).
+    'olmoe_prenorm': Experiment('connection=residual', paper_size='olmoe_1b_7b', base='moe',
+                                about='OLMoE-1B-7B residual Pre-Norm'),
+    'olmoe_dhc4': Experiment('connection=hc,n=4', paper_size='olmoe_1b_7b', base='moe',
+                             about='OLMoE-1B-7B DHC x4'),
 }
-# HC Table 6 / Fig. 1: the sparse OLMoE-1B-7B (configs/moe.py), when this checkout has it.
-if importlib.util.find_spec('configs.moe') is not None:
-  EXPERIMENTS.update({
-      'olmoe_prenorm': Experiment('connection=residual', paper_size='olmoe_1b_7b', base='moe',
-                                  about='OLMoE-1B-7B residual Pre-Norm'),
-      'olmoe_dhc4': Experiment('connection=hc,n=4', paper_size='olmoe_1b_7b', base='moe',
-                               about='OLMoE-1B-7B DHC x4'),
-  })
 
 # Suites (sweep.py --suite): the rows of each table; the first entry is the baseline of the table.
 SUITES = {
@@ -107,7 +103,7 @@ SUITES = {
                   'dhc4_frozen_wc', 'dhc4_notanh_frozen_b'),
     'hc_table4': ('prenorm', 'dhc2', 'dhc2_notanh'),
     'hc_table5': ('olmo7b_prenorm', 'olmo7b_dhc4'),
-    **({'hc_table6': ('olmoe_prenorm', 'olmoe_dhc4')} if 'olmoe_dhc4' in EXPERIMENTS else {}),
+    'hc_table6': ('olmoe_prenorm', 'olmoe_dhc4'),
     'mhc_table1': ('prenorm', 'mhc4_res', 'mhc4_res_pre', 'mhc4'),
     'mhc_vs_hc': ('prenorm', 'dhc4', 'mhc4'),
     'fc_ablation': ('prenorm', 'dfc2', 'dfc4', 'sfc4', 'dfc2_norescale', 'dfc2_notanh',
@@ -138,8 +134,8 @@ def get_config(arg=None):
     raise ValueError(f'config argument size={a.size!r} must be one of {SIZES}')
   exp = EXPERIMENTS[a.experiment]
   size = exp.paper_size if a.size == 'paper' else a.size
-  base = importlib.import_module(f'configs.{exp.base}')
-  c = base.get_config(f'{exp.lm_args},size={size}')
+  module = importlib.import_module(f'configs.{exp.base}')
+  c = module.get_config(f'{exp.lm_args},size={size}')
   for path, value in exp.overrides:
     *parents, leaf = path.split('.')
     node = c

@@ -40,9 +40,9 @@ def test_experiments_map_to_the_papers_switches():
   assert paper.get_config('experiment=dhc4,size=paper').model.d_model == 2048
   assert paper.get_config('experiment=olmo7b_dhc4,size=paper').model.d_model == 4096
   assert paper.get_config('experiment=olmo7b_dhc4,size=cpu').model.d_model == 128
-  if 'olmoe_dhc4' in paper.EXPERIMENTS:  # configs/moe.py is present.
-    moe = paper.get_config('experiment=olmoe_dhc4,size=cpu').model
-    assert (moe.ffn, moe.connection.kind, moe.connection.n) == ('moe', 'hc', 4)
+  moe = paper.get_config('experiment=olmoe_dhc4,size=cpu').model
+  assert (moe.ffn, moe.connection.kind, moe.connection.n) == ('moe', 'hc', 4)
+  assert paper.get_config('experiment=olmoe_dhc4,size=paper').model.moe.num_experts == 64
   with pytest.raises(ValueError, match='experiment'):
     paper.get_config('experiment=dhc3')
   with pytest.raises(ValueError, match='size'):
