@@ -1,8 +1,8 @@
-"""The papers' experiments by name: every row of HC Tables 1-5, the mHC component ablation, mHC vs HC
-and the Frac-Connections ablations, each at the paper's scale or scaled down.
+"""The papers' experiments by name: the HC rows of HC Tables 1-6, the mHC component ablation, mHC vs
+HC and the Frac-Connections ablations, each at the paper's scale or scaled down.
 
   python train.py --config=configs/paper.py:experiment=dhc4,size=cpu --workdir=workdirs/dhc4
-  python train.py --config=configs/paper.py:experiment=shc4_notanh,size=paper --workdir=gs://B/shc4
+  python train.py --config=configs/paper.py:experiment=shc4,size=paper --workdir=gs://B/shc4
   python sweep.py --suite=hc_table1 --size=cpu --seeds=3 --workroot=workdirs/hc_table1
 
 Arguments (after ':', comma-separated key=value):
@@ -12,7 +12,7 @@ Arguments (after ':', comma-separated key=value):
                      OLMoE-1B-7B for HC Table 6)
               cpu:   a 4-layer d=128 byte-level model a 2-core CPU trains in minutes (configs/lm.py)
               tiny:  seconds-long runs for tests
-Every experiment is configs/lm.py's switches plus a few overrides: this file holds one line per
+Every experiment is configs/lm.py's (or configs/moe.py's) switches plus a few overrides: this file holds one line per
 experiment and SUITES lists the rows of each table; nothing else is repeated.
 
 HC Table 6 (OLMoE-1B-7B, suite hc_table6) uses configs/moe.py. Not here: HC Table 4's ResiDual and
@@ -28,7 +28,7 @@ from hyperconn_jax import config_lib
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-  """One experiment: configs/lm.py switches, leaf overrides and its scale at size=paper."""
+  """One experiment: config-file switches, leaf overrides and its scale at size=paper."""
   lm_args: str
   overrides: tuple[tuple[str, object], ...] = ()
   paper_size: str = 'olmo_1b'
