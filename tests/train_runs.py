@@ -124,6 +124,24 @@ def wait(proc: subprocess.Popen, log_path, timeout: float = RUN_TIMEOUT_S) -> in
     raise AssertionError(f'run timed out after {timeout} s:\n{log_tail(log_path)}') from None
 
 
+def wait_all(procs, log_paths, timeout: float = RUN_TIMEOUT_S) -> None:
+  """Waits for processes that depend on each other to exit 0. As soon as one fails, the others
+  (which would hang in collectives until a distributed timeout) are killed and AssertionError
+  shows the logs."""
+  deadline = time.monotonic() + timeout
+  while True:
+    codes = [proc.poll() for proc in procs]
+    failed = any(code not in (None, 0) for code in codes)
+    if not failed and None not in codes:
+      return
+    if failed or time.monotonic() > deadline:
+      kill_all(procs)
+      tails = '\n'.join(log_tail(path) for path in log_paths)
+      raise AssertionError(f'exit codes {codes}'
+                           f'{"" if failed else f" (timed out after {timeout} s)"}:\n{tails}')
+    time.sleep(0.1)
+
+
 def kill_all(procs) -> None:
   """SIGKILLs those of `procs` (started by this test) that are still running."""
   for proc in procs:
