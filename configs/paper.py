@@ -12,8 +12,8 @@ Arguments (after ':', comma-separated key=value):
                      OLMoE-1B-7B for HC Table 6)
               cpu:   a 4-layer d=128 byte-level model a 2-core CPU trains in minutes (configs/lm.py)
               tiny:  seconds-long runs for tests
-Every experiment is configs/lm.py's (or configs/moe.py's) switches plus a few overrides: this file holds one line per
-experiment and SUITES lists the rows of each table; nothing else is repeated.
+Every experiment is configs/lm.py's (or configs/moe.py's) switches plus a few overrides: this file
+holds one line per experiment and SUITES lists the rows of each table; nothing else is repeated.
 
 HC Table 6 (OLMoE-1B-7B, suite hc_table6) uses configs/moe.py. Not here: HC Table 4's ResiDual and
 AltUp rows (no implementation of those baselines in this repository); the mHC paper's

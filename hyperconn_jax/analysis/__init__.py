@@ -5,7 +5,8 @@
   diagnostics.collapse(...)             cosine similarity of adjacent layers' inputs
   diagnostics.gain(...)                 Amax gain of single and composite residual mixing
   diagnostics.coefficient_stats(...)    distributions of alpha / beta (H_pre / H_post / H_res)
-  runner.analyze_checkpoint(workdir)    all of them on validation text; JSON + PNG in WORKDIR/analysis
+  runner.analyze_checkpoint(workdir)    all of them on validation text (JSON + PNG in
+                                        WORKDIR/analysis)
   runner.compare({label: results}, dir) overlay plots across checkpoints
   results                               sweep results: tables, loss curves, the markdown report
 

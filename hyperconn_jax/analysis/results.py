@@ -262,8 +262,9 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
       'difference larger than twice that standard error.', '',
   ]
   for corpus, result in corpus_results.items():
+    loss_png = next(p for p in result['files'] if p.endswith('.png'))
     lines += [f'## Corpus: {corpus}', '', result['table'], '',
-              f'![loss curves]({_rel(os.path.join(os.path.dirname(result["files"][0]), f"loss_{corpus}.png"), start)})', '']
+              f'![loss curves]({_rel(loss_png, start)})', '']
     summary = [r for r in result['rows'] if r['variant'] != baseline]
     lower = [r['variant'] for r in summary if r['verdict'].startswith('lower')]
     higher = [r['variant'] for r in summary if r['verdict'].startswith('higher')]

@@ -103,7 +103,8 @@ def analyze_checkpoint(workdir: str, step: str | int = 'latest', *,
   results = analyze_model(model, batches, analyses)
   label = label or os.path.basename(os.path.normpath(workdir))
   out_dir = out_dir or os.path.join(workdir, 'analysis')
-  results['files'] = write(results, out_dir, str(checkpoint_step), f'{label} step {checkpoint_step}')
+  results['files'] = write(results, out_dir, str(checkpoint_step),
+                           f'{label} step {checkpoint_step}')
   results['step'] = checkpoint_step
   return results
 

@@ -176,7 +176,8 @@ def trace(model, inputs) -> dict[str, Any]:
     'cosine' [K - 1, B, L]: cosine similarity between the branch inputs of consecutive sub-layers
       (HC Fig. 3: the inputs of adjacent layers, before their pre-norm);
     'raw': per connection, its own coefficients ({'alpha', 'beta'} for hc / frac;
-      {'H_pre', 'H_post', 'H_res'} for mhc; {'inv_std'} for Post-Norm; {} for Pre-Norm), [B, L, ...].
+      {'H_pre', 'H_post', 'H_res'} for mhc; {'inv_std'} for Post-Norm; {} for Pre-Norm),
+      each [B, L, ...].
 
   The forward pass is jitted; the model is not modified.
   """
