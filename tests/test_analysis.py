@@ -160,7 +160,9 @@ def test_other_models_at_init_give_the_hc_prenorm_matrix(model_kind):
   if model_kind == 'vit':
     config.model.name = 'vit'
     v = config.model.vit
-    batch = {'images': np.random.RandomState(0).rand(2, v.image_size, v.image_size, v.channels)}
+    # As the image pipeline gives them: weights per example, the last one padding.
+    images = np.random.RandomState(0).rand(3, v.image_size, v.image_size, v.channels)
+    batch = {'inputs': images, 'weights': np.array([1.0, 1.0, 0.0], np.float32)}
   else:
     config.model.ffn = 'moe'
     config.model.moe.update(num_experts=4, top_k=2)
@@ -171,6 +173,7 @@ def test_other_models_at_init_give_the_hc_prenorm_matrix(model_kind):
   expected[-1] = 2.0
   np.testing.assert_allclose(result['connections']['C0'], expected, atol=1e-6)
   np.testing.assert_allclose(result['gain']['composite_forward'], 1.0, atol=1e-6)
+  assert result['num_tokens'] == (2 * 16 if model_kind == 'vit' else TOKENS_BxL.size)
 
 
 def test_trace_rejects_the_scanned_layout():

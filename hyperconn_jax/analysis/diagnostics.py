@@ -19,15 +19,18 @@ PERCENTILES = (5, 25, 50, 75, 95)
 def select_tokens(traced: dict[str, Any], weights_BxL: np.ndarray | None = None
                   ) -> dict[str, Any]:
   """Moves the [B, L] axes of every traced array to one token axis (first), keeping the tokens
-  with a positive weight (all of them without weights, e.g. a ViT's patches).
+  with a positive weight: weights [B, L] per token (LM), [B] per example (a classifier: every
+  patch of a weighted image), or None (all).
 
   Returns the same keys: 'extract' [T, K, N, r], 'res' [T, K, N, N], 'inject' [T, K, r, N],
   'embed_inject' [T, r, N], 'out_extract' [T, N, r], 'cosine' [T, K - 1] and 'raw' (a list over
   the K connections of {name: [T, ...]}).
   """
-  if weights_BxL is None:
-    weights_BxL = np.ones(np.shape(traced['embed_inject'])[:2])
-  keep = np.asarray(weights_BxL).reshape(-1) > 0
+  shape_BxL = np.shape(traced['embed_inject'])[:2]
+  weights = np.ones(shape_BxL) if weights_BxL is None else np.asarray(weights_BxL)
+  if weights.ndim == 1:
+    weights = np.broadcast_to(weights[:, None], shape_BxL)
+  keep = weights.reshape(-1) > 0
 
   def tokens_first(a, layer_axis):
     a = np.asarray(a, np.float64)

@@ -42,14 +42,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def trace_tokens(model, batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-  """Traces a loop-layout model on validation batches ({'inputs', 'weights'} of a language model,
-  {'images', ...} of a classifier: every patch counts); per-token arrays
+  """Traces a loop-layout model on validation batches ({'inputs', 'weights'}: tokens and weights
+  [B, L] of a language model, images and weights [B] of a classifier); per-token arrays
   (diagnostics.select_tokens) of all of them together."""
   if not batches:
     raise ValueError('no validation batches to analyse')
   return diagnostics.concat_tokens([
-      diagnostics.select_tokens(trace.trace(model, b['inputs'] if 'inputs' in b else b['images']),
-                                b.get('weights')) for b in batches])
+      diagnostics.select_tokens(trace.trace(model, b['inputs']), b.get('weights'))
+      for b in batches])
 
 
 def analyze_model(model, batches: list[dict[str, np.ndarray]],
