@@ -235,8 +235,10 @@ def get_config() -> ml_collections.ConfigDict:
           ('layers', None),
           ('streams', None),
           ('hc', None),
-          # MoE experts: expert parallelism over the fsdp devices (when they divide the experts).
-          ('expert', 'fsdp'),
+          # MoE experts: expert parallelism over the data-parallel devices (GShard style; when
+          # they divide the experts). Not 'fsdp': 'embed' already maps there, and one weight
+          # cannot use a mesh axis twice.
+          ('expert', 'data'),
       ),
   ))
   return c

@@ -170,16 +170,17 @@ def test_init_equals_prenorm(capacity_factor):
 
 @pytest.mark.parametrize('capacity_factor', [0.0, 1.0])
 def test_sharded_equals_unsharded(capacity_factor):
-  """On the (2, 2, 2) mesh the experts are split over 'fsdp'; loss and aux (dropless and
+  """On the (2, 2, 2) mesh the experts are split over 'data'; loss and aux (dropless and
   capacity dispatch) and gradients (capacity: the expert-parallel einsums) match the
   single-device model with the same weights."""
   cfg = moe_config('hc', capacity_factor, n=2, dynamic=True)
   mesh_cfg = base.get_config().mesh
   mesh_cfg.shape = (2, 2, 2)
   mesh, rules = sharding.make_mesh(mesh_cfg), sharding.logical_rules(mesh_cfg)
-  model = sharding.create_model(cfg, mesh, rules, seed=0)
+  with sharding.activate(mesh, rules):  # As train_lib creates it.
+    model = sharding.create_model(cfg, mesh, rules, seed=0)
   params = flat(model)
-  assert params[('blocks', 'mlp', 'gate')].sharding.spec == P(None, 'fsdp', None, 'tensor')
+  assert params[('blocks', 'mlp', 'gate')].sharding.spec == P(None, 'data', 'fsdp', 'tensor')
   tok = jax.random.randint(jax.random.key(0), (4, L), 0, V)
 
   def loss(m, t):
