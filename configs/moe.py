@@ -9,7 +9,8 @@ Arguments (after ':', comma-separated key=value):
   n, m        HC / mHC expansion rate, Frac-Connections frac-rate
   dynamic     static (SHC / SFC) or dynamic (DHC / DFC) coefficients (tanh follows dynamic)
   size        tiny | cpu | olmoe_1b_7b  (model shape and matching training setup)
-  capacity_factor  0 (dropless, the default) or the experts' capacity factor (> 0)
+  capacity_factor  'size' (the size's default: dropless for olmoe_1b_7b; 2 for tiny / cpu, whose
+              grouped matmuls are slow on CPU), 0 (dropless) or a capacity factor > 0
 Leaves can still be overridden: --config.model.moe.top_k=4 --config.optim.lr=1e-3 ...
 """
 
@@ -24,7 +25,7 @@ def _cpu(c):
   """8 experts, top-2, on the embedded byte-level corpus: minutes on a 2-core CPU."""
   c.model.update(dict(vocab_size=256, d_model=128, num_layers=4, num_heads=4, head_dim=32,
                       mlp_dim=256, tie_embeddings=True))
-  c.model.moe.update(dict(num_experts=8, top_k=2))
+  c.model.moe.update(dict(num_experts=8, top_k=2, capacity_factor=2.0))
   c.data.seq_len = 128
   c.train.update(dict(batch_size=16, num_steps=300, log_every=10, eval_every=100,
                       eval_batches=10, checkpoint_every=100))
@@ -35,7 +36,7 @@ def _tiny(c):
   """Seconds-long runs for tests and smoke checks: 4 experts, top-2."""
   c.model.update(dict(vocab_size=256, d_model=32, num_layers=2, num_heads=2, head_dim=16,
                       mlp_dim=32, tie_embeddings=True))
-  c.model.moe.update(dict(num_experts=4, top_k=2))
+  c.model.moe.update(dict(num_experts=4, top_k=2, capacity_factor=2.0))
   c.data.seq_len = 32
   c.train.update(dict(batch_size=8, num_steps=40, log_every=5, eval_every=20, eval_batches=2,
                       checkpoint_every=20))
@@ -66,13 +67,18 @@ _SIZES = {'tiny': _tiny, 'cpu': _cpu, 'olmoe_1b_7b': _olmoe}
 def get_config(arg=None):
   """Returns the config for the switches in `arg` (see the module docstring)."""
   a = config_lib.parse_arg(arg, connection='hc', n=4, m=4, dynamic=True, size='cpu',
-                           capacity_factor=0.0)
+                           capacity_factor='size')
   if a.size not in _SIZES:
     raise ValueError(f'config argument size={a.size!r} must be one of {tuple(_SIZES)}')
   c = base.get_config()
   c.model.ffn = 'moe'
   _SIZES[a.size](c)
-  c.model.moe.capacity_factor = a.capacity_factor
+  if a.capacity_factor != 'size':
+    try:
+      c.model.moe.capacity_factor = float(a.capacity_factor)
+    except ValueError:
+      raise ValueError(f"config argument capacity_factor={a.capacity_factor!r} must be 'size' or "
+                       'a number >= 0') from None
   conn = c.model.connection
   conn.kind = _CONNECTIONS.get(a.connection, a.connection)
   conn.update(dict(n=a.n, m=a.m, dynamic=a.dynamic, tanh=a.dynamic))
