@@ -19,6 +19,8 @@ probability 1/2 if data.random_flip. Evaluation: S x S images as they are; other
 side S / 0.875) and center-cropped. Mixup (data.mixup_alpha > 0, HC Table 12: 0.2) mixes each
 local batch with itself rolled by one, with one Beta(alpha, alpha) weight per batch. Every random
 choice comes from grain's per-index seeds, so the stream is deterministic and resumes exactly.
+Process p of P reads images p, p + P, ... (data.num_shards, the text pipeline's fixed sharding, is
+not used here: the global batches depend on the process count).
 """
 
 import hashlib

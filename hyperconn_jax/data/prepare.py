@@ -3,6 +3,7 @@
   python -m hyperconn_jax.data.prepare --dataset=stdlib --data_dir=DIR
   python -m hyperconn_jax.data.prepare --dataset=text_files --text_glob='books/*.txt' --data_dir=DIR
   python -m hyperconn_jax.data.prepare --dataset=lm1b --data_dir=DIR
+  python -m hyperconn_jax.data.prepare --dataset=digits --data_dir=DIR   # embedded 8x8 images
 
 Run from the repository root (defaults come from configs/base.py). 'stdlib' and 'text_files' are
 also prepared automatically by training; any other name is a TFDS dataset, downloaded and generated
@@ -15,6 +16,7 @@ import time
 
 from configs import base
 from hyperconn_jax.data import checks
+from hyperconn_jax.data import images
 from hyperconn_jax.data import sources
 
 
@@ -38,7 +40,9 @@ def main(argv=None) -> None:
   checks.validate(config.data)
   data_dir = sources.resolve_data_dir(config.data)
   start = time.time()
-  if args.dataset not in sources.PREPARED_HERE:
+  if args.dataset == images.DIGITS:
+    images.ensure_prepared(config)
+  elif args.dataset not in sources.PREPARED_HERE:
     try:
       sources.builder(config.data).download_and_prepare(file_format='array_record')
     except ModuleNotFoundError as e:
@@ -49,7 +53,8 @@ def main(argv=None) -> None:
           'Or prepare it on a machine with TensorFlow:\n'
           f'  tfds build {args.dataset} --data_dir={data_dir} --file_format=array_record\n'
           f'and copy {data_dir} here.') from e
-  sources.ensure_prepared(config)
+  if args.dataset != images.DIGITS:
+    sources.ensure_prepared(config)
   print(f'{args.dataset} is prepared in {data_dir} ({time.time() - start:.1f} s).')
 
 
