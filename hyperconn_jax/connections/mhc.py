@@ -55,11 +55,13 @@ def _scalar(value: float) -> params.HCStatic:
 
 def _normed_projection(x_BxLxNxD: jax.Array, phi_NxDxK: jax.Array, eps: float) -> jax.Array:
   """(x~ phi) in float32, [B, L, K]: the projection first, then the RMS of the flattened x."""
-  x_BxLxNxD = x_BxLxNxD.astype(jnp.float32)
-  inv_rms_BxL = jax.lax.rsqrt(jnp.mean(jnp.square(x_BxLxNxD), axis=(-2, -1)) + eps)
-  proj_BxLxK = jnp.einsum('...nd,ndk->...k', x_BxLxNxD, phi_NxDxK.astype(jnp.float32),
+  # Flattened to x_vec (n D) as in the paper: one matmul and one fused sum of squares.
+  x_BxLxND = x_BxLxNxD.astype(jnp.float32).reshape(*x_BxLxNxD.shape[:-2], -1)
+  inv_rms_BxLx1 = jax.lax.rsqrt(mixing.mean_square(x_BxLxND) + eps)
+  phi_NDxK = phi_NxDxK.astype(jnp.float32).reshape(x_BxLxND.shape[-1], -1)
+  proj_BxLxK = jnp.einsum('...c,ck->...k', x_BxLxND, phi_NDxK,
                           precision=jax.lax.Precision.HIGHEST)
-  return proj_BxLxK * inv_rms_BxL[..., None]
+  return proj_BxLxK * inv_rms_BxLx1
 
 
 def _bias_init(config, mapping: str) -> jax.Array:

@@ -45,7 +45,7 @@ def normed_projection(x_BxLxNxW: jax.Array, w_WxK: jax.Array, kind: str,
   proj_BxLxNxK = jnp.einsum('...w,wk->...k', x, w_WxK, precision=jax.lax.Precision.HIGHEST)
   if kind == 'none':
     return proj_BxLxNxK
-  mean_square_BxLxNx1 = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+  mean_square_BxLxNx1 = mean_square(x)
   if kind == 'layernorm':
     proj_BxLxNxK, mean_BxLxNx1 = proj_BxLxNxK[..., :-1], proj_BxLxNxK[..., -1:]
     var_BxLxNx1 = jnp.maximum(mean_square_BxLxNx1 - jnp.square(mean_BxLxNx1), 0.0)
@@ -55,6 +55,24 @@ def normed_projection(x_BxLxNxW: jax.Array, w_WxK: jax.Array, kind: str,
   else:
     raise ValueError(f'norm kind must be one of {norms.NORM_KINDS}, got {kind!r}')
   return proj_BxLxNxK * jax.lax.rsqrt(var_BxLxNx1 + eps)
+
+
+@jax.custom_vjp
+def mean_square(x_BxLxNxW):
+  """mean(x^2) over the last axis, keepdims; its gradient keeps x (which the stream mixing
+  keeps anyway) rather than a stream-sized 2 x as jnp.square's would."""
+  return jnp.mean(jnp.square(x_BxLxNxW), axis=-1, keepdims=True)
+
+
+def _mean_square_fwd(x_BxLxNxW):
+  return mean_square(x_BxLxNxW), x_BxLxNxW
+
+
+def _mean_square_bwd(x_BxLxNxW, g_BxLxNx1):
+  return ((2.0 / x_BxLxNxW.shape[-1]) * g_BxLxNx1 * x_BxLxNxW,)
+
+
+mean_square.defvjp(_mean_square_fwd, _mean_square_bwd)
 
 
 def _token_dot(lhs, rhs, contract: tuple[int, int]):
@@ -122,11 +140,13 @@ def _add_branch(beta_BxLxN, y_BxLxKxD, res_BxLxNxD):
 
 
 def _add_branch_fwd(beta_BxLxN, y_BxLxKxD, res_BxLxNxD):
-  return _add_branch(beta_BxLxN, y_BxLxKxD, res_BxLxNxD), (beta_BxLxN, y_BxLxKxD, res_BxLxNxD)
+  # res is not needed by the backward pass: only its dtype is kept (no stream-sized residual).
+  res_dtype = jnp.zeros((), res_BxLxNxD.dtype)
+  return _add_branch(beta_BxLxN, y_BxLxKxD, res_BxLxNxD), (beta_BxLxN, y_BxLxKxD, res_dtype)
 
 
 def _add_branch_bwd(residuals, dout_BxLxNxD):
-  beta_BxLxN, y_BxLxKxD, res_BxLxNxD = residuals
+  beta_BxLxN, y_BxLxKxD, res_dtype = residuals
   nd = dout_BxLxNxD.ndim
   # Both reductions over the big cotangent are per-token matmuls (XLA's CPU reductions would
   # need beta and y broadcast to the full [B, L, N, D] shape first).
@@ -140,7 +160,7 @@ def _add_branch_bwd(residuals, dout_BxLxNxD):
     dbeta = jnp.sum(dout * y_BxLxKxD.astype(jnp.float32), axis=-1)
     dy = beta_BxLxN[..., None] * dout
   return (dbeta.astype(beta_BxLxN.dtype), dy.astype(y_BxLxKxD.dtype),
-          dout_BxLxNxD.astype(res_BxLxNxD.dtype))
+          dout_BxLxNxD.astype(res_dtype.dtype))
 
 
 _add_branch.defvjp(_add_branch_fwd, _add_branch_bwd)
