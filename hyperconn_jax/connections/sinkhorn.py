@@ -20,19 +20,22 @@ def sinkhorn(logits_xNxN: jax.Array, iters: int, eps: float) -> jax.Array:
   Returns:
     [..., N, N] float32, positive, rows summing to 1.
   """
-  logits = logits_xNxN.astype(jnp.float32)
-  shift = jax.lax.stop_gradient(jnp.max(logits, axis=(-2, -1), keepdims=True))
-  m = jnp.exp(logits - shift) + eps
+  # The 2 * iters normalisations are many tiny ops: they run on [N, N, ...] (the batch axes
+  # minor, so every op is a long contiguous vector loop) and sum over the short axes by explicit
+  # adds of slices (elementwise, fused with the division; a reduction would be a kernel of its
+  # own). About 3x faster on CPU than reductions over the trailing [.., N, N] axes.
+  nd = logits_xNxN.ndim
+  logits_NxNx = jnp.moveaxis(logits_xNxN.astype(jnp.float32), (nd - 2, nd - 1), (0, 1))
+  shift = jax.lax.stop_gradient(jnp.max(logits_NxNx, axis=(0, 1), keepdims=True))
+  m = jnp.exp(logits_NxNx - shift) + eps
   for _ in range(iters):
-    m = m / _sum_keepdims(m, axis=-2)
-    m = m / _sum_keepdims(m, axis=-1)
-  return m
+    m = m / _sum_keepdims(m, axis=0)  # Columns: sum over the row index.
+    m = m / _sum_keepdims(m, axis=1)  # Rows.
+  return jnp.moveaxis(m, (0, 1), (nd - 2, nd - 1))
 
 
 def _sum_keepdims(m: jax.Array, axis: int) -> jax.Array:
-  """Sum over a short axis as explicit adds of its slices: elementwise ops, which XLA fuses with
-  the division, where a reduction would be a kernel of its own for each of the 2 * iters steps
-  (about half the time of mHC's many tiny [B, L, n, n] ops on CPU)."""
+  """Sum over a short axis (keepdims) as explicit adds of its slices."""
   total = jax.lax.slice_in_dim(m, 0, 1, axis=axis)
   for i in range(1, m.shape[axis]):
     total = total + jax.lax.slice_in_dim(m, i, i + 1, axis=axis)
