@@ -20,17 +20,21 @@ def sinkhorn(logits_xNxN: jax.Array, iters: int, eps: float) -> jax.Array:
   Returns:
     [..., N, N] float32, positive, rows summing to 1.
   """
-  # The 2 * iters normalisations are many tiny ops: they run on [N, N, ...] (the batch axes
-  # minor, so every op is a long contiguous vector loop) and sum over the short axes by explicit
-  # adds of slices (elementwise, fused with the division; a reduction would be a kernel of its
-  # own). About 3x faster on CPU than reductions over the trailing [.., N, N] axes.
+  # The 2 * iters normalisations are many tiny ops. They run in a loop (one compiled body, not
+  # 2 * iters unrolled copies: much less compile time, and the loop-carried buffers are reused),
+  # on [N, N, ...] (the batch axes minor, so every op is a long contiguous vector loop), and sum
+  # over the short axes by explicit adds of slices (elementwise, fused with the division; a
+  # reduction would be a kernel of its own). About 6x faster forward + backward on CPU than an
+  # unrolled loop of reductions over the trailing [.., N, N] axes, with the same arithmetic.
   nd = logits_xNxN.ndim
   logits_NxNx = jnp.moveaxis(logits_xNxN.astype(jnp.float32), (nd - 2, nd - 1), (0, 1))
   shift = jax.lax.stop_gradient(jnp.max(logits_NxNx, axis=(0, 1), keepdims=True))
-  m = jnp.exp(logits_NxNx - shift) + eps
-  for _ in range(iters):
+
+  def step(_, m):
     m = m / _sum_keepdims(m, axis=0)  # Columns: sum over the row index.
-    m = m / _sum_keepdims(m, axis=1)  # Rows.
+    return m / _sum_keepdims(m, axis=1)  # Rows.
+
+  m = jax.lax.fori_loop(0, iters, step, jnp.exp(logits_NxNx - shift) + eps)
   return jnp.moveaxis(m, (0, 1), (nd - 2, nd - 1))
 
 
