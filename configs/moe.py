@@ -1,7 +1,7 @@
 """MoE decoder in the OLMoE style (model.ffn='moe') with any connection.
 
   python train.py --config=configs/moe.py:connection=hc,n=4,size=cpu --workdir=workdirs/moe_dhc4
-  python train.py --config=configs/moe.py:connection=residual,size=cpu --workdir=workdirs/moe_prenorm
+  python train.py --config=configs/moe.py:connection=residual,size=cpu --workdir=workdirs/moe_pre
   python train.py --config=configs/moe.py:connection=hc,n=4,size=olmoe_1b_7b --workdir=DIR  # pod
 
 Arguments (after ':', comma-separated key=value):

@@ -223,7 +223,8 @@ def make_train_iterator(config, *, process_index: int = 0,
   data_config = config.data
   _check_augmentation(data_config)
   pipeline._check_process(process_index, process_count)  # pylint: disable=protected-access
-  local_batch = pipeline._local_batch_size(config, process_count)  # pylint: disable=protected-access
+  local_batch = pipeline._local_batch_size(  # pylint: disable=protected-access
+      config, process_count)
   source = _open_split(config, data_config.train_split)
   if len(source) < process_count:
     raise ValueError(
@@ -250,12 +251,13 @@ def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1
   (<= 0: the whole split)."""
   data_config = config.data
   pipeline._check_process(process_index, process_count)  # pylint: disable=protected-access
-  local_batch = pipeline._local_batch_size(config, process_count)  # pylint: disable=protected-access
+  local_batch = pipeline._local_batch_size(  # pylint: disable=protected-access
+      config, process_count)
   source = _open_split(config, data_config.eval_split)
   ds = grain.MapDataset.source(source).map(_Example(config, train=False))
-  ds = ds.batch(config.train.batch_size, drop_remainder=False,
-                batch_fn=pipeline._PadAndShard(config.train.batch_size, process_index,  # pylint: disable=protected-access
-                                               local_batch))
+  pad_and_shard = pipeline._PadAndShard(  # pylint: disable=protected-access
+      config.train.batch_size, process_index, local_batch)
+  ds = ds.batch(config.train.batch_size, drop_remainder=False, batch_fn=pad_and_shard)
   ds = ds.to_iter_dataset(_READ_OPTIONS)
   if num_batches > 0:
     ds = grain_experimental.LimitIterDataset(ds, count=num_batches)

@@ -119,7 +119,8 @@ def create_blocks(config, *, rngs: nnx.Rngs, causal: bool = True):
 
 
 def run_blocks(blocks, x_BxLxNxD: jax.Array, *, num_layers: int, scan_layers: bool,
-               policy_name: str, return_hidden: bool, dropout: tuple[float, jax.Array | None] = (0.0, None)):
+               policy_name: str, return_hidden: bool,
+               dropout: tuple[float, jax.Array | None] = (0.0, None)):
   """Applies the blocks of `create_blocks` in order.
 
   dropout: (rate, key): with a key, every block applies dropout to its branch outputs (a key per

@@ -4,7 +4,8 @@
   -> out_t = sum_k weights_tk * Expert_{experts_tk}(y_t)
 
 Each expert is a SwiGLU MLP of hidden size config.mlp_dim; OLMoE keeps the raw softmax weights
-(no renormalisation over the top k) and has no shared expert. Two dispatches (config.moe.capacity_factor):
+(no renormalisation over the top k) and has no shared expert. Two dispatches
+(config.moe.capacity_factor):
 - dropless (0): the T * k assignments are sorted by expert and run as grouped matmuls
   (jax.lax.ragged_dot); nothing is dropped (OLMoE / megablocks' dMoE).
 - capacity (> 0): each expert has C = ceil(capacity_factor * T * k / E) slots for the batch;

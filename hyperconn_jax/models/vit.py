@@ -108,7 +108,8 @@ class ViT(nnx.Module):
     h_BxLxD = layers.dropout(h_BxLxD, self.dropout, embed_key)
     x_BxLxNxD = sharding.constrain(self.streams.expand(h_BxLxD), decoder.STREAMS_AXES)
     x_BxLxNxD, hidden, aux = decoder.run_blocks(
-        self.blocks, x_BxLxNxD, num_layers=self.num_layers, scan_layers=self.scan_layers, policy_name=self.remat_policy,
+        self.blocks, x_BxLxNxD, num_layers=self.num_layers, scan_layers=self.scan_layers,
+        policy_name=self.remat_policy,
         return_hidden=return_hidden, dropout=(self.dropout, block_keys))
     h_BxLxD = self.final_norm(self.streams.reduce(x_BxLxNxD))
     pooled_BxD = h_BxLxD[:, 0] if self.cls_token is not None else jnp.mean(h_BxLxD, axis=1)
