@@ -46,11 +46,7 @@ def load_config(workdir: str, *, eval_batches: int | None = None, batch_size: in
   import jax  # pylint: disable=g-import-not-at-top
   from configs import base  # pylint: disable=g-import-not-at-top
   from hyperconn_jax import config_lib, train_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ValueError(f'--workdir={workdir}: no config.json (is it a training run directory?)')
-  with open(path) as f:
-    config = train_lib.config_from_json(json.load(f))
+  config = train_lib.load_run_config(workdir)
   if eval_batches is not None:
     config.train.eval_batches = eval_batches
   if batch_size is not None:

@@ -157,7 +157,24 @@ class _DropInfoFrom(std_logging.Filter):
         m in record.pathname for m in self._markers)
 
 
-def quiet_library_logs(packages: tuple[str, ...] = ('orbax',)) -> None:
+class _DropMessages(std_logging.Filter):
+  """Drops log records whose message starts with one of the given prefixes."""
+
+  def __init__(self, prefixes: tuple[str, ...]):
+    super().__init__()
+    self._prefixes = prefixes
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self._prefixes)
+
+
+def quiet_library_logs(packages: tuple[str, ...] = ('orbax', 'tensorflow_datasets')) -> None:
   """Hides the INFO chatter of `packages` (orbax logs ~40 lines per save) from absl's log output;
-  their warnings and errors still show."""
-  logging.get_absl_handler().addFilter(_DropInfoFrom(packages))
+  their warnings and errors still show. Also hides two expected warnings repeated on every use:
+  tfds's that our builders use a custom config (by design: it depends on the Python version or the
+  user's files) and orbax's that a read-only manager (eval) does not save."""
+  handler = logging.get_absl_handler()
+  handler.addFilter(_DropInfoFrom(packages))
+  handler.addFilter(_DropMessages((
+      'Using custom data configuration', 'CheckpointManagerOptions.read_only=True',
+      'Given directory is read only')))

@@ -16,6 +16,7 @@ after update t's loss, gradient norm and parameter norm were seen to be finite.
 import dataclasses
 import functools
 import json
+import os
 import signal
 from typing import Any
 
@@ -70,6 +71,34 @@ def config_from_json(config_json: dict[str, Any]) -> ml_collections.ConfigDict:
       return tuple(tuples(v) for v in x)
     return x
   return ml_collections.ConfigDict(tuples(config_json))
+
+
+def _merge(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict) -> None:
+  """Overwrites `config`'s fields (recursively) with those of `saved`, adding unknown ones."""
+  for key, value in saved.items():
+    if (isinstance(value, ml_collections.ConfigDict) and key in config
+        and isinstance(config[key], ml_collections.ConfigDict)):
+      _merge(config[key], value)
+    else:
+      config[key] = value
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (WORKDIR/config.json), unlocked.
+
+  Fields added to configs/base.py after the run was trained take their defaults, so older runs
+  stay loadable.
+  """
+  from configs import base  # pylint: disable=g-import-not-at-top  (configs import the library)
+  path = os.path.join(workdir, metrics_lib.CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f'--workdir={workdir}: no {metrics_lib.CONFIG_FILE} (is it a training run '
+                     'directory?)')
+  with open(path) as f:
+    saved = config_from_json(json.load(f))
+  config = base.get_config()
+  _merge(config, saved)
+  return config
 
 
 # ----------------------------------------------------------------------------- state and shardings

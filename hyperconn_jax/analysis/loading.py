@@ -5,40 +5,17 @@ machine, whatever mesh the run was trained on, then put in the Python-loop layou
 need (trace.loop_layout).
 """
 
-import json
-import os
-
 import jax
 from flax import nnx
-import ml_collections
 import numpy as np
 
-from configs import base
 from hyperconn_jax import checkpoint, data, sharding, train_lib
 from hyperconn_jax.analysis import trace
 
 
-def _merge(config, saved) -> None:
-  """Overwrites `config`'s fields (recursively) with those of `saved`, adding unknown ones."""
-  for key, value in saved.items():
-    if isinstance(value, ml_collections.ConfigDict) and key in config and isinstance(
-        config[key], ml_collections.ConfigDict):
-      _merge(config[key], value)
-    else:
-      config[key] = value
-
-
 def load_config(workdir: str, *, data_dir: str | None = None):
-  """The run's config (WORKDIR/config.json) on configs/base.py's defaults, for a one-device
-  mesh; unlocked."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ValueError(f'--workdir={workdir}: no config.json (is it a training run directory?)')
-  with open(path) as f:
-    saved = train_lib.config_from_json(json.load(f))
-  # Fields added to configs/base.py after the run was trained take their defaults.
-  config = base.get_config()
-  _merge(config, saved)
+  """The run's config (train_lib.load_run_config) for a one-device mesh; unlocked."""
+  config = train_lib.load_run_config(workdir)
   config.mesh.shape = (1,) * len(config.mesh.axes)
   if data_dir is not None:
     config.data.data_dir = data_dir
