@@ -22,7 +22,7 @@ from hyperconn_jax.models import sizes
 _CONNECTIONS = {'residual': 'residual_prenorm'}
 
 
-def _cpu(c):
+def cpu(c):
   """A model a 2-core CPU trains in minutes on the embedded byte-level corpus."""
   c.model.update(dict(vocab_size=256, d_model=128, num_layers=4, num_heads=4, head_dim=32,
                       mlp_dim=512, tie_embeddings=True))
@@ -32,7 +32,7 @@ def _cpu(c):
   c.optim.update(dict(lr=3e-3, warmup_steps=30))
 
 
-def _tiny(c):
+def tiny(c):
   """Seconds-long runs for tests and smoke checks."""
   c.model.update(dict(vocab_size=256, d_model=32, num_layers=2, num_heads=2, head_dim=16,
                       mlp_dim=64, tie_embeddings=True))
@@ -61,7 +61,7 @@ def _olmo(c, name):
   c.mesh.shape = (1, -1, 1)
 
 
-_SIZES = {'tiny': _tiny, 'cpu': _cpu,
+_SIZES = {'tiny': tiny, 'cpu': cpu,
           'olmo_1b': lambda c: _olmo(c, 'olmo_1b'), 'olmo_7b': lambda c: _olmo(c, 'olmo_7b')}
 
 
@@ -75,11 +75,16 @@ def get_config(arg=None):
     raise ValueError(f"config argument tanh={a.tanh!r} must be one of ('auto', 'true', 'false')")
   c = base.get_config()
   _SIZES[a.size](c)
-  conn = c.model.connection
-  conn.kind = _CONNECTIONS.get(a.connection, a.connection)
-  conn.update(dict(n=a.n, m=a.m, dynamic=a.dynamic, train_width=a.train_width,
-                   train_beta=a.train_beta))
-  # tanh only has a meaning on the dynamic branch.
-  conn.tanh = a.dynamic if a.tanh == 'auto' else a.tanh == 'true'
+  set_connection(c, a.connection, n=a.n, m=a.m, dynamic=a.dynamic,
+                 tanh=a.dynamic if a.tanh == 'auto' else a.tanh == 'true',
+                 train_width=a.train_width, train_beta=a.train_beta)
   c.lock()
   return c
+
+
+def set_connection(c, connection: str, *, tanh: bool, **options) -> None:
+  """Sets config.model.connection from the switches ('residual' means residual_prenorm)."""
+  conn = c.model.connection
+  conn.kind = _CONNECTIONS.get(connection, connection)
+  conn.update(options)
+  conn.tanh = tanh  # Only meaningful (and only allowed) on the dynamic branch.

@@ -15,32 +15,22 @@ Leaves can still be overridden: --config.model.moe.top_k=4 --config.optim.lr=1e-
 """
 
 from configs import base
+from configs import lm
 from hyperconn_jax import config_lib
 from hyperconn_jax.models import sizes
 
-_CONNECTIONS = {'residual': 'residual_prenorm'}
-
-
 def _cpu(c):
-  """8 experts, top-2, on the embedded byte-level corpus: minutes on a 2-core CPU."""
-  c.model.update(dict(vocab_size=256, d_model=128, num_layers=4, num_heads=4, head_dim=32,
-                      mlp_dim=256, tie_embeddings=True))
+  """The LM's CPU setup with 8 experts, top-2: minutes on a 2-core CPU."""
+  lm.cpu(c)
+  c.model.mlp_dim = 256
   c.model.moe.update(dict(num_experts=8, top_k=2, capacity_factor=2.0))
-  c.data.seq_len = 128
-  c.train.update(dict(batch_size=16, num_steps=300, log_every=10, eval_every=100,
-                      eval_batches=10, checkpoint_every=100))
-  c.optim.update(dict(lr=3e-3, warmup_steps=30))
 
 
 def _tiny(c):
-  """Seconds-long runs for tests and smoke checks: 4 experts, top-2."""
-  c.model.update(dict(vocab_size=256, d_model=32, num_layers=2, num_heads=2, head_dim=16,
-                      mlp_dim=32, tie_embeddings=True))
+  """The LM's seconds-long setup with 4 experts, top-2."""
+  lm.tiny(c)
+  c.model.mlp_dim = 32
   c.model.moe.update(dict(num_experts=4, top_k=2, capacity_factor=2.0))
-  c.data.seq_len = 32
-  c.train.update(dict(batch_size=8, num_steps=40, log_every=5, eval_every=20, eval_batches=2,
-                      checkpoint_every=20))
-  c.optim.update(dict(lr=3e-3, warmup_steps=5))
 
 
 def _olmoe(c):
@@ -79,8 +69,6 @@ def get_config(arg=None):
     except ValueError:
       raise ValueError(f"config argument capacity_factor={a.capacity_factor!r} must be 'size' or "
                        'a number >= 0') from None
-  conn = c.model.connection
-  conn.kind = _CONNECTIONS.get(a.connection, a.connection)
-  conn.update(dict(n=a.n, m=a.m, dynamic=a.dynamic, tanh=a.dynamic))
+  lm.set_connection(c, a.connection, n=a.n, m=a.m, dynamic=a.dynamic, tanh=a.dynamic)
   c.lock()
   return c

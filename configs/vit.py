@@ -15,11 +15,9 @@ Leaves can still be overridden: --config.data.dataset=cifar10 --config.data.eval
 """
 
 from configs import base
+from configs import lm
 from hyperconn_jax import config_lib
 from hyperconn_jax.models import sizes
-
-_CONNECTIONS = {'residual': 'residual_prenorm'}
-
 
 def _digits(c):
   """The embedded 8x8 digits: 4x4 patches (4 tokens), mean pooling, padding-1 random crops."""
@@ -80,8 +78,6 @@ def get_config(arg=None):
     raise ValueError(f'config argument size={a.size!r} must be one of {tuple(_SIZES)}')
   c = base.get_config()
   _SIZES[a.size](c)
-  conn = c.model.connection
-  conn.kind = _CONNECTIONS.get(a.connection, a.connection)
-  conn.update(dict(n=a.n, m=a.m, dynamic=a.dynamic, tanh=a.dynamic))
+  lm.set_connection(c, a.connection, n=a.n, m=a.m, dynamic=a.dynamic, tanh=a.dynamic)
   c.lock()
   return c
