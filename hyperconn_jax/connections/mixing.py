@@ -5,13 +5,13 @@ For the width and depth connections, coefficients arrive in float32 and are cast
 dtype; contractions accumulate in float32. A coefficient tensor without leading batch axes is
 shared by every token (static HC).
 
-Both functions have hand-written gradients that keep D the minor axis of every big operand and
-never broadcast the branch output or the coefficients to the [B, L, N, D] shape of the streams;
-JAX's generic rules for dot_general and broadcasting multiplies make XLA materialise transposed
-or broadcast copies of stream-sized tensors there (HLO-checked on CPU).
+The width and depth connections have hand-written gradients that keep D the minor axis of every
+big operand and never broadcast the branch output or the coefficients to the [B, L, N, D] shape of
+the streams; JAX's generic rules for dot_general and broadcasting multiplies make XLA materialise
+transposed or broadcast copies of stream-sized tensors there (checked in the compiled HLO on CPU,
+where reductions also need their broadcast operands materialised). No function here saves a
+stream-sized tensor for the backward pass other than its input x. See docs/performance.md.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
