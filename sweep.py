@@ -4,6 +4,7 @@
   python sweep.py --suite=hc_table1 --seeds=3 --size=cpu --workroot=workdirs/hc_table1
   python sweep.py --suite=hc_table1 --size=paper --print_commands   # one train.py line per run
   python sweep.py --suite=dhc4,mhc4 --seeds=2 --set=train.num_steps=100 --workroot=/tmp/sw
+  python sweep.py --suite=report --jobs=12 ...   # 12 train.py processes at once (e.g. one GPU)
 
 The report (docs/results.md; hours on a 2-core CPU):
 
@@ -39,6 +40,9 @@ _WORKROOT = flags.DEFINE_string('workroot', None, 'Root of the runs\' workdirs (
                                 'workdirs/sweeps/<suite>).')
 _SET = flags.DEFINE_multi_string('set', [], "Config overrides for every run, e.g. "
                                  "--set=train.num_steps=100 (repeatable).")
+_JOBS = flags.DEFINE_integer('jobs', 1, 'Runs trained at once, each a train.py subprocess '
+                            'logging to WORKDIR/train.log (CPU cores or one shared GPU; 1 trains '
+                            'in this process).')
 _PRINT = flags.DEFINE_bool('print_commands', False, 'Print one train.py command per unfinished '
                            'run and exit.')
 _OUT = flags.DEFINE_string('out', None, 'Directory for tables, plots and analyses (default '
@@ -54,8 +58,9 @@ _NOTE = flags.DEFINE_string('note', '', 'A sentence added to the report\'s setup
 
 
 def _analyze(collected, out_dir):
-  """Analyses seed 0 of every experiment per corpus; returns ({corpus: PNG paths},
-  {corpus: tokens})."""
+  """Analyses seed 0 of every experiment per corpus (reusing what an earlier invocation wrote
+  into out_dir); returns ({corpus: PNG paths}, {corpus: tokens})."""
+  from hyperconn_jax import sweep  # pylint: disable=g-import-not-at-top
   from hyperconn_jax.analysis import runner  # pylint: disable=g-import-not-at-top
   files, tokens = {}, {}
   for corpus, by_exp in collected.items():
@@ -65,8 +70,10 @@ def _analyze(collected, out_dir):
       if not runs:
         continue
       run = runs[0]['run']
-      r = runner.analyze_checkpoint(run.workdir, 'latest', num_batches=_ANALYSIS_BATCHES.value,
-                                    out_dir=os.path.join(corpus_dir, 'analysis', exp), label=exp)
+      step = sweep.num_steps(run.workdir)  # A finished run's last checkpoint.
+      exp_dir = os.path.join(corpus_dir, 'analysis', exp)
+      r = runner.read_written(exp_dir, str(step)) or runner.analyze_checkpoint(
+          run.workdir, step, num_batches=_ANALYSIS_BATCHES.value, out_dir=exp_dir, label=exp)
       results[exp] = r
       tokens[corpus] = r['num_tokens']
       files.setdefault(corpus, []).extend(p for p in r['files'] if p.endswith('.png'))
@@ -94,7 +101,7 @@ def main(argv):
       if not sweep.is_finished(run.workdir):
         print(sweep.command(run))
     return
-  counts = sweep.execute(runs, log=logging.info)
+  counts = sweep.execute(runs, jobs=_JOBS.value, log=logging.info)
   logging.info('Sweep: %d trained, %d already finished.', counts['trained'], counts['skipped'])
 
   collected = results.collect(runs)

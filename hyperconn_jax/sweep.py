@@ -18,6 +18,8 @@ import glob
 import json
 import os
 import shlex
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -145,15 +147,19 @@ def make_config(run: Run):
   return config
 
 
-def command(run: Run) -> str:
-  """The shell command that performs `run` with train.py (for a cluster)."""
-  args = ['python', 'train.py',
-          f'--config=configs/paper.py:{run.config_arg}']
+def train_args(run: Run, python: str = 'python', script: str = 'train.py') -> list[str]:
+  """The train.py command line (argv) that performs `run`."""
+  args = [python, script, f'--config=configs/paper.py:{run.config_arg}']
   for path, value in run.all_overrides():
     text = str(value) if not isinstance(value, bool) else str(value).lower()
     args.append(f'--config.{path}={text}')
   args.append(f'--workdir={run.workdir}')
-  return ' '.join(shlex.quote(a) for a in args)
+  return args
+
+
+def command(run: Run) -> str:
+  """The shell command that performs `run` with train.py (for a cluster)."""
+  return shlex.join(train_args(run))
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -181,22 +187,59 @@ def is_finished(workdir: str) -> bool:
                                   for r in read_metrics(workdir))
 
 
-def execute(runs: list[Run], *, train_fn: Callable[[Any, str], Any] | None = None,
-            log: Callable[[str], None] = print) -> dict[str, int]:
-  """Runs the unfinished runs one after another in this process; returns counts.
+def _record_wall_time(run: Run, wall_s: float) -> None:
+  """Adds wall_s to WORKDIR/sweep_run.json (summed over the invocations that trained the run)."""
+  path = os.path.join(run.workdir, RUN_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      wall_s += json.load(f)['wall_s']
+  with open(path, 'w') as f:
+    json.dump({'wall_s': wall_s, 'command': command(run)}, f)
 
-  Each finished run gets WORKDIR/sweep_run.json with its wall time (summed over the invocations
-  that trained it).
+
+def launch_train(run: Run) -> subprocess.Popen:
+  """Starts train.py for `run` in a subprocess, logging to WORKDIR/train.log.
+
+  The child does not preallocate accelerator memory, so several jobs can share one GPU.
+  """
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  os.makedirs(run.workdir, exist_ok=True)
+  env = dict(os.environ)
+  env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  with open(os.path.join(run.workdir, 'train.log'), 'ab') as log_file:
+    return subprocess.Popen(train_args(run, sys.executable, os.path.join(repo, 'train.py')),
+                            cwd=repo, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def execute(runs: list[Run], *, jobs: int = 1,
+            train_fn: Callable[[Any, str], Any] | None = None,
+            launch_fn: Callable[[Run], subprocess.Popen] | None = None,
+            log: Callable[[str], None] = print) -> dict[str, int]:
+  """Trains the unfinished runs; returns counts {'skipped', 'trained'}.
+
+  With jobs = 1 the runs train one after another in this process; with jobs > 1 up to `jobs`
+  train.py subprocesses run at once (CPU cores or one GPU shared; not for TPUs, which one process
+  holds). Each finished run gets WORKDIR/sweep_run.json with its wall time (summed over the
+  invocations that trained it; with jobs > 1 the jobs share the machine, so it is longer than
+  the run alone would take).
 
   Args:
     runs: from `plan`.
-    train_fn: (config, workdir) -> anything; default train_lib.train_and_evaluate.
+    jobs: runs trained at once.
+    train_fn: (config, workdir) -> anything, for jobs = 1; default train_lib.train_and_evaluate.
+    launch_fn: run -> a started subprocess, for jobs > 1. The default prepares each corpus's
+      dataset once here (so the jobs do not race to build it), then uses `launch_train`.
     log: where progress lines go.
+
+  Raises:
+    ValueError: jobs < 1, or an invalid run config (before anything trains).
+    RuntimeError: with jobs > 1, after all runs ended, naming the runs whose process failed and
+      their logs.
   """
-  if train_fn is None:
-    from hyperconn_jax import train_lib  # pylint: disable=g-import-not-at-top
-    train_fn = train_lib.train_and_evaluate
+  if jobs < 1:
+    raise ValueError(f'--jobs={jobs}: must be at least 1')
   counts = {'skipped': 0, 'trained': 0}
+  todo = []
   for i, run in enumerate(runs):
     name = f'[{i + 1}/{len(runs)}] {run.corpus.name}/{run.experiment}/seed{run.seed}'
     if is_finished(run.workdir):
@@ -205,15 +248,43 @@ def execute(runs: list[Run], *, train_fn: Callable[[Any, str], Any] | None = Non
       continue
     config = make_config(run)
     config_lib.validate(config)
-    log(f'{name}: training in {run.workdir}')
-    start = time.perf_counter()
-    train_fn(config, run.workdir)
-    wall_s = time.perf_counter() - start
-    path = os.path.join(run.workdir, RUN_FILE)
-    if os.path.exists(path):
-      with open(path) as f:
-        wall_s += json.load(f)['wall_s']
-    with open(path, 'w') as f:
-      json.dump({'wall_s': wall_s, 'command': command(run)}, f)
-    counts['trained'] += 1
+    todo.append((name, run, config))
+  if jobs == 1:
+    if train_fn is None:
+      from hyperconn_jax import train_lib  # pylint: disable=g-import-not-at-top
+      train_fn = train_lib.train_and_evaluate
+    for name, run, config in todo:
+      log(f'{name}: training in {run.workdir}')
+      start = time.perf_counter()
+      train_fn(config, run.workdir)
+      _record_wall_time(run, time.perf_counter() - start)
+      counts['trained'] += 1
+    return counts
+  if launch_fn is None:
+    from hyperconn_jax.data import sources  # pylint: disable=g-import-not-at-top
+    prepared = set()
+    for _, run, config in todo:
+      if run.corpus.name not in prepared:
+        sources.ensure_prepared(config)
+        prepared.add(run.corpus.name)
+    launch_fn = launch_train
+  pending, running, failed = list(todo), {}, []
+  while pending or running:
+    while pending and len(running) < jobs:
+      name, run, _ = pending.pop(0)
+      log(f'{name}: training in {run.workdir} (log: train.log)')
+      running[launch_fn(run)] = (name, run, time.perf_counter())
+    time.sleep(0.2)
+    for proc in [p for p in running if p.poll() is not None]:
+      name, run, start = running.pop(proc)
+      if proc.returncode == 0 and is_finished(run.workdir):
+        _record_wall_time(run, time.perf_counter() - start)
+        counts['trained'] += 1
+        log(f'{name}: finished in {time.perf_counter() - start:.0f} s')
+      else:
+        failed.append(f'{name} (exit code {proc.returncode}; '
+                      f'{os.path.join(run.workdir, "train.log")})')
+        log(f'{name}: FAILED, exit code {proc.returncode}')
+  if failed:
+    raise RuntimeError(f'{len(failed)} of {len(todo)} runs failed:\n  ' + '\n  '.join(failed))
   return counts

@@ -144,7 +144,15 @@ def test_analyze_checkpoint_writes_json_and_png(trained, tmp_path):
   assert np.asarray(stats[0]['alpha']['p50']).shape == (2, 3)
   # Trained for 10 steps, the HC coefficients have moved away from their init.
   assert not np.allclose(result['connections']['C0'][:4, :4], np.tril(np.ones((4, 4))))
-  paths = runner.compare({'a': result, 'b': result}, str(tmp_path))
+  # A rerun reads what was written instead of analysing again; it compares the same way.
+  again = runner.read_written(os.path.join(trained, 'analysis'), '10')
+  assert again['files'] == result['files'] and again['step'] == 10
+  assert again['num_tokens'] == result['num_tokens']
+  for name in runner.OVERLAYS:
+    for key, value in result[name].items():
+      np.testing.assert_allclose(again[name][key], value, rtol=1e-6)
+  assert runner.read_written(os.path.join(trained, 'analysis'), '11') is None
+  paths = runner.compare({'a': result, 'b': again}, str(tmp_path))
   assert sorted(os.path.basename(p) for p in paths) == [
       'compare_collapse.json', 'compare_collapse.png', 'compare_gain.json', 'compare_gain.png']
   with pytest.raises(ValueError, match='unknown'):

@@ -5,6 +5,8 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -134,6 +136,34 @@ def test_execute_skips_finished_runs_and_records_wall_time(tmp_path):
   assert sweep.execute(runs, train_fn=train_fn, log=lambda _: None) == {'skipped': 4,
                                                                          'trained': 0}
   assert not trained
+
+
+def test_parallel_execute_runs_subprocesses_and_reports_failures(tmp_path):
+  runs = sweep.plan(('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path), size='tiny')
+  fake_run(runs[0].workdir, final=2.0)               # Finished: not launched.
+  started = []
+  # Each job writes a finished run, except dhc4 seed 1, whose process fails.
+  script = ('import json, os, sys; w = sys.argv[1]; os.makedirs(w, exist_ok=True); '
+            'json.dump({"train": {"num_steps": 20}}, open(os.path.join(w, "config.json"), "w")); '
+            'open(os.path.join(w, "metrics.jsonl"), "w").write(json.dumps('
+            '{"step": 20, "eval_loss": 2.0}) + "\\n"); sys.exit(w.endswith("dhc4/seed1"))')
+
+  def launch_fn(run):
+    started.append(run.workdir)
+    return subprocess.Popen([sys.executable, '-c', script, run.workdir])
+
+  with pytest.raises(RuntimeError, match=r'1 of 3 runs failed:\n  \[4/4\] stdlib/dhc4/seed1 '
+                                         r'\(exit code 1'):
+    sweep.execute(runs, jobs=2, launch_fn=launch_fn, log=lambda _: None)
+  assert started == [r.workdir for r in runs[1:]]
+  for run in runs[1:3]:
+    with open(os.path.join(run.workdir, sweep.RUN_FILE)) as f:
+      assert json.load(f)['wall_s'] >= 0
+  assert not os.path.exists(os.path.join(runs[3].workdir, sweep.RUN_FILE))
+  with pytest.raises(ValueError, match='--jobs=0'):
+    sweep.execute(runs, jobs=0)
+  assert sweep.train_args(runs[0], '/py', '/repo/train.py')[:3] == [
+      '/py', '/repo/train.py', '--config=configs/paper.py:experiment=prenorm,size=tiny']
 
 
 def test_summary_statistics():

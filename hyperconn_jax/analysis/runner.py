@@ -87,6 +87,41 @@ def write(results: dict[str, Any], out_dir: str, tag: str, title: str) -> list[s
   return paths
 
 
+def _arrays(value: Any) -> Any:
+  """Inverse of _jsonable: numeric (nested) lists back to arrays."""
+  if isinstance(value, dict):
+    return {k: _arrays(v) for k, v in value.items()}
+  if isinstance(value, list):
+    try:
+      array = np.asarray(value)
+    except ValueError:  # Ragged.
+      array = None
+    if array is not None and array.dtype.kind in 'biuf':
+      return array
+    return [_arrays(v) for v in value]
+  return value
+
+
+def read_written(out_dir: str, tag: str,
+                 analyses: Iterable[str] = ANALYSES) -> dict[str, Any] | None:
+  """The results that `write` left in out_dir for `tag` (so a rerun need not restore and trace the
+  checkpoint again), shaped like analyze_checkpoint's; None unless every analysis and its PNG is
+  there."""
+  results, files = {}, []
+  for name in check_analyses(analyses):
+    base = os.path.join(out_dir, f'{name}_{tag}')
+    if not (os.path.exists(base + '.json') and os.path.exists(base + '.png')):
+      return None
+    with open(base + '.json') as f:
+      written = json.load(f)
+    results[name] = _arrays(written['result'])
+    results['num_tokens'] = written['num_tokens']
+    files += [base + '.json', base + '.png']
+  results['files'] = files
+  results['step'] = int(tag) if tag.isdigit() else tag
+  return results
+
+
 def analyze_checkpoint(workdir: str, step: str | int = 'latest', *,
                        analyses: Iterable[str] = ANALYSES, num_batches: int = 2,
                        out_dir: str | None = None, data_dir: str | None = None,
