@@ -35,8 +35,8 @@ def connection_config() -> ml_collections.ConfigDict:
       # Table 3 ablations: train the width-connections (A_m, A_r: static and dynamic parts) / B.
       train_width=True,
       train_beta=True,
-      # Home stream of sub-layer k is (k + index_base) mod n, where k counts sub-layers from 0:
-      # attention of block l is k = 2l, its FFN is k = 2l + 1 (attention and FFN count separately).
+      # Home stream (HC's A_m, mHC's pre_init='home') of sub-layer k is (k + index_base) mod n,
+      # with k counted from 0: attention of block l is k = 2l, its FFN k = 2l + 1.
       index_base=0,
       # HC section 4 rescales the init std of the output projections by sqrt(n); the paper does not
       # say in which direction: 'none' | 'divide' | 'multiply'.
@@ -52,6 +52,12 @@ def connection_config() -> ml_collections.ConfigDict:
       # so the model starts near Pre-Norm) | 'uniform' (all 0: Sinkhorn gives the 1/n matrix).
       res_init='identity',
       res_offdiag_logit=-4.0,
+      # mHC: static H_pre at init (the paper gives none): 'home' (1 - (n-1) * pre_off_home on stream
+      # (k + index_base) mod n of sub-layer k, pre_off_home on the others, as HC's A_m) |
+      # 'uniform' (1/n: the streams then stay equal all through training and H_res never learns;
+      # hyperconn_jax/connections/mhc.py explains why).
+      pre_init='home',
+      pre_off_home=0.01,
       # mHC: which mappings are learned; a missing one is fixed (H_pre = 1/n, H_post = 1, H_res = I),
       # as in the mHC paper's Table 1 ablation. Any subset of ('pre', 'post', 'res').
       mappings=('pre', 'post', 'res'),

@@ -43,6 +43,8 @@ def _hc(n, *, dynamic=True, tanh=True, **switches):
 
 
 def _mhc(*mappings):
+  # Without a learned H_post the replicated streams stay equal and H_res is inert
+  # (hyperconn_jax/connections/mhc.py).
   return Experiment('connection=mhc,n=4', (('model.connection.mappings', tuple(mappings)),),
                     about=f'mHC x4, learned {"+".join(mappings)} (mHC Table 1)')
 
@@ -79,6 +81,9 @@ EXPERIMENTS = {
     'mhc4_res': _mhc('res'),
     'mhc4_res_pre': _mhc('res', 'pre'),
     'mhc4': Experiment('connection=mhc,n=4', about='mHC x4 (all of H_res, H_pre, H_post)'),
+    # The init the paper leaves open: H_pre = 1/n keeps the streams equal (configs/base.py).
+    'mhc4_uniform': Experiment('connection=mhc,n=4', (('model.connection.pre_init', 'uniform'),),
+                               about='mHC x4, H_pre = 1/n at init (streams stay equal)'),
     # Frac-Connections (FC Fig. 4): frac-rate, SFC vs DFC, and removing rescale / tanh / norm.
     'dfc2': _dfc(2, 'DFC x2'),
     'dfc4': _dfc(4, 'DFC x4'),
@@ -106,10 +111,11 @@ SUITES = {
     'hc_table6': ('olmoe_prenorm', 'olmoe_dhc4'),
     'mhc_table1': ('prenorm', 'mhc4_res', 'mhc4_res_pre', 'mhc4'),
     'mhc_vs_hc': ('prenorm', 'dhc4', 'mhc4'),
+    'mhc_init': ('prenorm', 'mhc4', 'mhc4_uniform'),
     'fc_ablation': ('prenorm', 'dfc2', 'dfc4', 'sfc4', 'dfc2_norescale', 'dfc2_notanh',
                     'dfc2_nonorm'),
     # docs/results.md: the CPU-scale comparison.
-    'report': ('prenorm', 'shc4', 'dhc4', 'mhc4', 'dfc4', 'dhc1', 'dhc2', 'dhc8'),
+    'report': ('prenorm', 'shc4', 'dhc4', 'mhc4', 'mhc4_uniform', 'dfc4', 'dhc1', 'dhc2', 'dhc8'),
 }
 
 SIZES = ('tiny', 'cpu', 'paper')

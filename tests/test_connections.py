@@ -392,11 +392,62 @@ def test_mhc_res_init(n):
   _, identity = build(make_config('mhc', n=n), 8)
   _, _, h_res = identity.coefficients(x)
   assert float(jnp.diagonal(h_res, axis1=-2, axis2=-1).min()) > 0.9
-  _, uniform = build(make_config('mhc', n=n, res_init='uniform'), 8)
+  _, uniform = build(make_config('mhc', n=n, res_init='uniform', pre_init='uniform'), 8)
   h_pre, h_post, h_res = uniform.coefficients(x)
   np.testing.assert_allclose(h_res, 1.0 / n, atol=1e-6)
   np.testing.assert_allclose(h_pre, 1.0 / n, atol=1e-6)
   np.testing.assert_allclose(h_post, 1.0, atol=1e-6)
+
+
+def test_mhc_home_pre_init_from_traced_sublayer_index():
+  config = make_config('mhc', n=4, index_base=1, pre_off_home=0.02)
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def create(k):
+    return connections.build_connection(config, dim=8, sublayer_index=k, norm_kind='layernorm',
+                                        norm_eps=EPS, rngs=nnx.Rngs(0))
+
+  ks = np.array([0, 1, 2, 5])
+  with nnx.use_eager_sharding(False):
+    stacked = create(jnp.asarray(ks))
+  h_pre = jax.nn.sigmoid(np.asarray(stacked.bias[...])[:, :4])
+  want = np.where(np.eye(4, dtype=bool)[(ks + 1) % 4], 1 - 3 * 0.02, 0.02)
+  np.testing.assert_allclose(h_pre, want, rtol=1e-5)
+  np.testing.assert_allclose(h_pre.sum(-1), 1.0, rtol=1e-6)  # So init still equals Pre-Norm.
+
+
+@pytest.mark.parametrize('pre_init', ['uniform', 'home'])
+def test_mhc_streams_separate_in_training_only_with_home_pre_init(pre_init):
+  """mhc.py's docstring: with H_pre = 1/n the replicated streams get equal gradients and stay
+  equal (so H_res never learns); a home-stream H_pre lets them separate and H_res learn."""
+  n, d = 4, 8
+  config = make_config('mhc', n=n, pre_init=pre_init)
+  streams, _ = build(config, d)
+  modules = [build(config, d, sublayer_index=k)[1] for k in range(3)]
+  branches = [make_branch(d, seed=s)[0] for s in range(3)]
+  h, target = random_streams((B, L, d), seed=1), random_streams((B, L, d), seed=2)
+  res_bias_init = [np.asarray(m.bias[...])[2 * n:] for m in modules]
+
+  def run(*modules):
+    x = streams.expand(h)
+    for module, branch in zip(modules, branches):
+      x = module(x, branch)
+    return x
+
+  loss = lambda *modules: jnp.mean((streams.reduce(run(*modules)) - target) ** 2)  # noqa: E731
+  for _ in range(5):  # Plain SGD.
+    grads = nnx.grad(loss, argnums=(0, 1, 2))(*modules)
+    for module, grad in zip(modules, grads):
+      nnx.update(module, jax.tree.map(lambda p, g: p - 0.5 * g, nnx.state(module, nnx.Param),
+                                      nnx.state(grad, nnx.Param)))
+  x = np.asarray(run(*modules))
+  spread = np.abs(x - x[..., :1, :]).max() / np.abs(x).max()
+  res_moved = max(np.abs(np.asarray(m.bias[...])[2 * n:] - b).max()
+                  for m, b in zip(modules, res_bias_init))
+  if pre_init == 'uniform':
+    assert spread < 1e-5 and res_moved < 1e-6, (spread, res_moved)  # Rounding only.
+  else:
+    assert spread > 1e-3 and res_moved > 1e-4, (spread, res_moved)
 
 
 # ------------------------------------------------------------------------ init = Pre-Norm
@@ -408,7 +459,8 @@ INIT_CASES = [
     ('hc', dict(n=2, index_base=1, dynamic_norm='rmsnorm', dynamic_norm_affine=True), 2),
     ('hc', dict(n=3, tanh=False, scale=False), 3),
     ('mhc', dict(n=4), 4),
-    ('mhc', dict(n=2, res_init='uniform'), 2),
+    ('mhc', dict(n=2, res_init='uniform', pre_init='uniform'), 2),
+    ('mhc', dict(n=3, index_base=2, pre_off_home=0.2), 3),
     ('mhc', dict(n=4, reduce='head'), 1),
     ('mhc', dict(n=4, mappings=('res',)), 4),
     ('frac', dict(m=1), 1),

@@ -8,6 +8,19 @@ Per token, with streams x (n x D) flattened to x_vec (nD):
 mat() is row-major: l_res[j * n + i] is the logit of H_res[j, i]. A mapping missing from
 config.mappings is fixed and has no parameters (H_pre = 1/n, H_post = 1, H_res = I; mHC Table 1).
 The final reduction is a sum or DeepSeek TileKernels' learned head (mhc_head).
+
+Why H_pre starts on a home stream by default (config.pre_init; the paper gives no init): the
+embedding is replicated into n equal streams, and phi starts at 0. With H_pre = 1/n, everything
+is symmetric under permuting the streams, so every stream gets the same gradient and the streams
+stay equal for the whole of training. While they are equal, H_res x is the same for any row-
+stochastic H_res, and H_res gets no gradient. mHC then trains as a one-stream residual with
+gates. 'home' puts most of H_pre on stream (k + index_base) mod n of sub-layer k, as HC's
+A_m = e_(k mod n) does. The streams then get different gradients, H_post learns per-stream
+values, the streams separate and H_res learns. The sum over streams still starts at 1, so init
+still equals Pre-Norm. With H_post fixed (mappings without 'post'), H_post = 1 adds the same
+output to every stream, so equal streams stay equal whatever H_pre is, and H_res is inert in
+exact arithmetic. The mHC Table 1 row 'H_res' then equals Pre-Norm, and 'H_res + H_pre' equals
+Pre-Norm with a learned scale (sum_i H_pre[i]) on each branch input.
 """
 
 import math
@@ -21,6 +34,7 @@ from hyperconn_jax.connections import checks, mixing
 from hyperconn_jax.connections.sinkhorn import sinkhorn
 
 MAPPINGS = ('pre', 'post', 'res')
+PRE_INITS = ('home', 'uniform')
 RES_INITS = ('identity', 'uniform')
 REDUCES = ('sum', 'head')
 
@@ -32,6 +46,12 @@ def validate(config, d_model: int) -> None:
   checks.greater(config, 'sinkhorn_eps', 0)
   checks.greater(config, 'post_mult', 1)
   checks.one_of(config, 'res_init', RES_INITS)
+  checks.one_of(config, 'pre_init', PRE_INITS)
+  checks.integer(config, 'index_base', 0)
+  if config.pre_init == 'home' and config.n > 1 and not 0 < config.pre_off_home < 1 / config.n:
+    checks.fail('pre_off_home', config.pre_off_home,
+                f"in (0, 1/n) = (0, {1 / config.n:.4g}) for pre_init='home' (the home stream "
+                'must get the largest weight)')
   checks.one_of(config, 'reduce', REDUCES)
   mappings = config.mappings
   if isinstance(mappings, str) or not set(mappings) <= set(MAPPINGS):
@@ -64,9 +84,15 @@ def _normed_projection(x_BxLxNxD: jax.Array, phi_NxDxK: jax.Array, eps: float) -
   return proj_BxLxK * inv_rms_BxLx1
 
 
-def _bias_init(config, mapping: str) -> jax.Array:
+def _bias_init(config, mapping: str, sublayer_index) -> jax.Array:
   """The float32 static logits of one mapping at init (see Connection)."""
   n = config.n
+  if mapping == 'pre' and config.pre_init == 'home':
+    # jax ops: sublayer_index may be traced (blocks are created under nnx.vmap).
+    home_N = jax.nn.one_hot((jnp.asarray(sublayer_index) + config.index_base) % n, n,
+                            dtype=jnp.bool_)
+    off = config.pre_off_home
+    return jnp.where(home_N, _logit(1.0 - (n - 1) * off), _logit(off)).astype(jnp.float32)
   if mapping == 'pre':
     return jnp.full((n,), _logit(1.0 / n), jnp.float32)
   if mapping == 'post':
@@ -121,22 +147,25 @@ class Connection(nnx.Module):
 
   Parameters, for the learned mappings only (K = n for pre, n for post, n^2 for res, in that order):
     phi (n, D, K) HCDynamic, zero-init;  bias (K,) HCStatic;  gate_pre/post/res () HCStatic.
-  Bias init: pre logit(1/n) (H_pre = 1/n), post logit(1/post_mult) (H_post = 1), res per
-  config.res_init: 'identity' 0 on the diagonal and res_offdiag_logit off it, 'uniform' all 0.
+  Bias init: pre per config.pre_init: 'home' H_pre = 1 - (n-1) pre_off_home on the home stream
+  (sublayer_index + index_base) mod n and pre_off_home elsewhere, 'uniform' H_pre = 1/n (see the
+  module docstring); post logit(1/post_mult) (H_post = 1); res per config.res_init: 'identity' 0 on
+  the diagonal and res_offdiag_logit off it, 'uniform' all 0.
   """
 
   branch_prenorm = True
 
   def __init__(self, config, *, dim: int, sublayer_index, norm_kind: str, norm_eps: float,
                rngs: nnx.Rngs):
-    del sublayer_index, norm_kind, rngs  # Same init for every sub-layer.
+    del norm_kind, rngs
     n = self.num_streams = config.n
     self.eps = norm_eps
     self.sinkhorn_iters, self.sinkhorn_eps = config.sinkhorn_iters, config.sinkhorn_eps
     self.post_mult = config.post_mult
     self.mappings = tuple(name for name in MAPPINGS if name in config.mappings)
     if self.mappings:
-      bias_K = jnp.concatenate([_bias_init(config, name) for name in self.mappings])
+      bias_K = jnp.concatenate([_bias_init(config, name, sublayer_index)
+                                for name in self.mappings])
       self.phi = params.HCDynamic(jnp.zeros((n, dim, bias_K.shape[0]), jnp.float32),
                                   out_sharding=('streams', 'embed', 'hc'))
       self.bias = params.HCStatic(bias_K, out_sharding=('hc',))
