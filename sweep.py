@@ -53,6 +53,8 @@ _ANALYZE = flags.DEFINE_bool('analyze', True, 'Analyse seed 0 of each experiment
                              'connection matrices).')
 _ANALYSIS_BATCHES = flags.DEFINE_integer('analysis_batches', 4, 'Validation batches per '
                                          'analysis.')
+_DISCUSSION = flags.DEFINE_string('discussion', '', 'A markdown file whose text goes into the '
+                                  "report's Discussion section (the author's reading of it).")
 _NOTE = flags.DEFINE_string('note', '', 'A sentence added to the report\'s setup (e.g. that the '
                             'machine was shared).')
 
@@ -82,6 +84,14 @@ def _analyze(collected, out_dir):
   return files, tokens
 
 
+def _read(path: str) -> str:
+  """The text of the file at `path` ('' for no path)."""
+  if not path:
+    return ''
+  with open(path, encoding='utf-8') as f:
+    return f.read().strip()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -91,6 +101,8 @@ def main(argv):
   from hyperconn_jax.analysis import results  # pylint: disable=g-import-not-at-top
   from hyperconn_jax.models import sizes  # pylint: disable=g-import-not-at-top
 
+  if _DISCUSSION.value and not os.path.isfile(_DISCUSSION.value):
+    raise app.UsageError(f'--discussion={_DISCUSSION.value!r} is not a file')
   experiments = sweep.suite(_SUITE.value)
   workroot = _WORKROOT.value or os.path.join('workdirs', 'sweeps', _SUITE.value.replace(',', '_'))
   corpora = [sweep.prepare_corpus(spec, workroot) for spec in _CORPORA.value]
@@ -125,8 +137,8 @@ def main(argv):
     results.write_report(_REPORT.value, command=command, collected=collected,
                          corpus_results=corpus_results, analysis_files=analysis_files,
                          baseline=baseline, about=about, params=params,
-                         machine_facts=results.machine(), analysis_tokens=analysis_tokens,
-                         note=_NOTE.value)
+                         analysis_tokens=analysis_tokens, note=_NOTE.value,
+                         discussion=_read(_DISCUSSION.value))
     print(f'Report: {_REPORT.value}')
   print(f'Tables and plots: {out_dir}')
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
+from hyperconn_jax import metrics as metrics_lib
 from hyperconn_jax import sharding, train_lib
 
 VARIANTS = ('residual', 'shc', 'dhc', 'mhc', 'dfc')
@@ -297,12 +298,7 @@ def remat_memory(args) -> list[dict]:
 
 
 def machine() -> dict:
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  cpu = metrics_lib.host_facts()['cpu']
   try:
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
                             text=True, check=False).stdout.strip()

@@ -18,6 +18,7 @@ import tqdm
 
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
+RUN_FACTS_FILE = 'run.json'
 TENSORBOARD_DIR = 'tensorboard'
 
 
@@ -122,10 +123,23 @@ def library_versions() -> dict[str, str]:
   return versions
 
 
+def host_facts() -> dict[str, Any]:
+  """This host: OS platform, CPU model and count."""
+  cpu = platform.processor() or 'unknown CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f
+                  if line.startswith('model name')), cpu)
+  except OSError:
+    pass
+  return {'platform': platform.platform(), 'cpu': cpu, 'cpu_count': os.cpu_count()}
+
+
 def run_facts(mesh: jax.sharding.Mesh) -> dict[str, Any]:
-  """Library versions, devices and mesh of this run (JSON-able)."""
+  """Library versions, host, devices and mesh of this run (JSON-able)."""
   return {
       'versions': library_versions(),
+      'host': host_facts(),
       'backend': jax.default_backend(),
       'device_kind': jax.devices()[0].device_kind,
       'device_count': jax.device_count(),
@@ -136,13 +150,16 @@ def run_facts(mesh: jax.sharding.Mesh) -> dict[str, Any]:
 
 def log_run_start(workdir: str, config_json: dict[str, Any], facts: dict[str, Any], *,
                   enabled: bool) -> None:
-  """Logs the config and run facts, and writes WORKDIR/config.json (process 0 only)."""
+  """Logs the config and run facts, and writes WORKDIR/config.json and WORKDIR/run.json (the
+  facts of the latest invocation; process 0 only)."""
   logging.info('Config:\n%s', json.dumps(config_json, indent=2))
   logging.info('Run: %s', json.dumps(facts))
   if enabled:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
       json.dump(config_json, f, indent=2)
+    with open(os.path.join(workdir, RUN_FACTS_FILE), 'w') as f:
+      json.dump(facts, f, indent=2)
 
 
 class _DropInfoFrom(std_logging.Filter):

@@ -4,7 +4,8 @@ process or printed as one train.py command per run for a cluster.
 A run lives in WORKROOT/<corpus>/<experiment>/seed<s>. It is finished when its metrics.jsonl holds
 an evaluation at the config's last step (train.num_steps); finished runs are skipped, unfinished
 ones resume from their latest checkpoint (train_lib's usual resume). Seed s sets both config.seed
-(initialisation) and config.data.shuffle_seed (data order).
+(initialisation) and config.data.shuffle_seed (data order). A workdir whose config.json differs from
+the planned config is an error, never silently reused or overwritten.
 
 A corpus is 'stdlib' (the embedded corpus), a glob of text files (data.dataset='text_files'), or
 a single text file, which `prepare_corpus` splits by lines into SPLIT_PARTS files under
@@ -180,6 +181,29 @@ def num_steps(workdir: str) -> int | None:
     return json.load(f)['train']['num_steps']
 
 
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def config_mismatch(workdir: str, config) -> list[str]:
+  """The config fields whose value in WORKDIR/config.json differs from `config` ('a.b: saved ->
+  planned'); [] when they agree or the run has not started."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    saved = _flatten(json.load(f))
+  planned = _flatten(json.loads(config.to_json()))
+  return [f'{key}: {saved.get(key, "(absent)")!r} -> {planned.get(key, "(absent)")!r}'
+          for key in sorted(set(saved) | set(planned)) if saved.get(key) != planned.get(key)]
+
+
 def is_finished(workdir: str) -> bool:
   """True when the run evaluated at its last step (train.num_steps)."""
   last = num_steps(workdir)
@@ -232,34 +256,55 @@ def execute(runs: list[Run], *, jobs: int = 1,
     log: where progress lines go.
 
   Raises:
-    ValueError: jobs < 1, or an invalid run config (before anything trains).
+    ValueError: jobs < 1, an invalid run config, or a workdir holding a run of another config
+      (before anything trains).
     RuntimeError: with jobs > 1, after all runs ended, naming the runs whose process failed and
       their logs.
   """
   if jobs < 1:
     raise ValueError(f'--jobs={jobs}: must be at least 1')
   counts = {'skipped': 0, 'trained': 0}
-  todo = []
+  todo, stale = [], []
   for i, run in enumerate(runs):
     name = f'[{i + 1}/{len(runs)}] {run.corpus.name}/{run.experiment}/seed{run.seed}'
-    if is_finished(run.workdir):
-      log(f'{name}: finished, skipped')
-      counts['skipped'] += 1
-      continue
     config = make_config(run)
     config_lib.validate(config)
-    todo.append((name, run, config))
+    mismatch = config_mismatch(run.workdir, config)
+    if mismatch:
+      stale.append(f'{run.workdir}: ' + '; '.join(mismatch[:5]) +
+                   (f'; and {len(mismatch) - 5} more' if len(mismatch) > 5 else ''))
+    elif is_finished(run.workdir):
+      log(f'{name}: finished, skipped')
+      counts['skipped'] += 1
+    else:
+      todo.append((name, run, config))
+  if stale:
+    raise ValueError('runs in these workdirs used another config than the sweep plans now (their '
+                     'results would be mislabelled; use another --workroot or move them away):\n  '
+                     + '\n  '.join(stale))
   if jobs == 1:
-    if train_fn is None:
-      from hyperconn_jax import train_lib  # pylint: disable=g-import-not-at-top
-      train_fn = train_lib.train_and_evaluate
-    for name, run, config in todo:
-      log(f'{name}: training in {run.workdir}')
-      start = time.perf_counter()
-      train_fn(config, run.workdir)
-      _record_wall_time(run, time.perf_counter() - start)
-      counts['trained'] += 1
-    return counts
+    counts['trained'] = _train_in_process(todo, train_fn, log)
+  else:
+    counts['trained'] = _train_in_subprocesses(todo, jobs, launch_fn, log)
+  return counts
+
+
+def _train_in_process(todo, train_fn, log) -> int:
+  """Trains the (name, run, config) of `todo` one after another; returns how many."""
+  if train_fn is None:
+    from hyperconn_jax import train_lib  # pylint: disable=g-import-not-at-top
+    train_fn = train_lib.train_and_evaluate
+  for name, run, config in todo:
+    log(f'{name}: training in {run.workdir}')
+    start = time.perf_counter()
+    train_fn(config, run.workdir)
+    _record_wall_time(run, time.perf_counter() - start)
+  return len(todo)
+
+
+def _train_in_subprocesses(todo, jobs, launch_fn, log) -> int:
+  """Trains the (name, run, config) of `todo`, `jobs` subprocesses at a time; returns how many
+  finished (RuntimeError naming the failed ones, once all ended)."""
   if launch_fn is None:
     from hyperconn_jax.data import sources  # pylint: disable=g-import-not-at-top
     prepared = set()
@@ -268,7 +313,7 @@ def execute(runs: list[Run], *, jobs: int = 1,
         sources.ensure_prepared(config)
         prepared.add(run.corpus.name)
     launch_fn = launch_train
-  pending, running, failed = list(todo), {}, []
+  pending, running, failed, trained = list(todo), {}, [], 0
   while pending or running:
     while pending and len(running) < jobs:
       name, run, _ = pending.pop(0)
@@ -279,7 +324,7 @@ def execute(runs: list[Run], *, jobs: int = 1,
       name, run, start = running.pop(proc)
       if proc.returncode == 0 and is_finished(run.workdir):
         _record_wall_time(run, time.perf_counter() - start)
-        counts['trained'] += 1
+        trained += 1
         log(f'{name}: finished in {time.perf_counter() - start:.0f} s')
       else:
         failed.append(f'{name} (exit code {proc.returncode}; '
@@ -287,4 +332,4 @@ def execute(runs: list[Run], *, jobs: int = 1,
         log(f'{name}: FAILED, exit code {proc.returncode}')
   if failed:
     raise RuntimeError(f'{len(failed)} of {len(todo)} runs failed:\n  ' + '\n  '.join(failed))
-  return counts
+  return trained

@@ -96,13 +96,16 @@ def test_single_file_corpus_is_split_into_parts(tmp_path):
     sweep.prepare_corpus(str(tmp_path / 'missing.txt'), str(tmp_path))
 
 
-def fake_run(workdir, *, num_steps=20, losses=(3.0, 2.5), final=None):
-  """Writes what a training run leaves behind: config.json and metrics.jsonl."""
+def fake_run(workdir, *, config=None, num_steps=20, losses=(3.0, 2.5), final=None):
+  """Writes what a training run of `config` (default: prenorm, tiny, num_steps) leaves behind:
+  config.json and metrics.jsonl."""
   os.makedirs(workdir, exist_ok=True)
-  config = json.loads(paper.get_config('experiment=prenorm,size=tiny').to_json())
-  config['train']['num_steps'] = num_steps
+  if config is None:
+    config = paper.get_config('experiment=prenorm,size=tiny')
+    config.train.num_steps = num_steps
+  num_steps = config.train.num_steps
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(config, f)
+    f.write(config.to_json())
   rows = [{'step': 10, 'loss': losses[0]}, {'step': 10, 'eval_loss': losses[0] + 0.1,
                                             'eval_bits_per_byte': 4.0, 'eval_ppl': 20.0}]
   if final is not None:
@@ -115,15 +118,15 @@ def fake_run(workdir, *, num_steps=20, losses=(3.0, 2.5), final=None):
 
 def test_execute_skips_finished_runs_and_records_wall_time(tmp_path):
   runs = sweep.plan(('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path), size='tiny')
-  fake_run(runs[0].workdir, final=2.0)               # Finished.
-  fake_run(runs[1].workdir)                          # Started, not finished: resumes.
+  fake_run(runs[0].workdir, config=sweep.make_config(runs[0]), final=2.0)  # Finished.
+  fake_run(runs[1].workdir, config=sweep.make_config(runs[1]))  # Started, not finished: resumes.
   assert sweep.is_finished(runs[0].workdir) and not sweep.is_finished(runs[1].workdir)
   assert not sweep.is_finished(runs[2].workdir)      # Never started.
   trained = []
 
   def train_fn(config, workdir):
     trained.append((config.model.connection.kind, config.seed, workdir))
-    fake_run(workdir, num_steps=config.train.num_steps, final=2.0)
+    fake_run(workdir, config=config, final=2.0)
 
   counts = sweep.execute(runs, train_fn=train_fn, log=lambda _: None)
   assert counts == {'skipped': 1, 'trained': 3}
@@ -138,9 +141,19 @@ def test_execute_skips_finished_runs_and_records_wall_time(tmp_path):
   assert not trained
 
 
+def test_execute_refuses_workdirs_of_another_config(tmp_path):
+  runs = sweep.plan(('prenorm', 'dhc4'), 1, [sweep.Corpus('stdlib')], str(tmp_path), size='tiny')
+  fake_run(runs[0].workdir, config=sweep.make_config(runs[0]), final=2.0)
+  fake_run(runs[1].workdir, final=2.0)  # A finished prenorm run where dhc4 belongs.
+  assert sweep.config_mismatch(runs[0].workdir, sweep.make_config(runs[0])) == []
+  with pytest.raises(ValueError, match=r"(?s)another config.*dhc4/seed0: model.connection.kind: "
+                                       r"'residual_prenorm' -> 'hc'"):
+    sweep.execute(runs, train_fn=lambda *_: pytest.fail('trained'), log=lambda _: None)
+
+
 def test_parallel_execute_runs_subprocesses_and_reports_failures(tmp_path):
   runs = sweep.plan(('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path), size='tiny')
-  fake_run(runs[0].workdir, final=2.0)               # Finished: not launched.
+  fake_run(runs[0].workdir, config=sweep.make_config(runs[0]), final=2.0)  # Not launched.
   started = []
   # Each job writes a finished run, except dhc4 seed 1, whose process fails.
   script = ('import json, os, sys; w = sys.argv[1]; os.makedirs(w, exist_ok=True); '
@@ -192,6 +205,13 @@ def test_report_from_synthetic_runs(tmp_path):
                     size='tiny')
   for run in runs:
     fake_run(run.workdir, final=finals[run.experiment][run.seed])
+  facts = {'versions': {'python': '3.11.7', 'jax': '0.10.2', 'flax': '0.12.8', 'optax': '0.2.8',
+                        'orbax-checkpoint': '0.12.8', 'grain': '0.2.18'},
+           'host': {'platform': 'Linux', 'cpu': 'Some CPU', 'cpu_count': 16},
+           'backend': 'gpu', 'device_kind': 'NVIDIA H200', 'device_count': 1}
+  for run in runs[1:]:  # The first run has no run.json (trained before it existed).
+    with open(os.path.join(run.workdir, 'run.json'), 'w') as f:
+      json.dump(facts, f)
   collected = results.collect(runs)
   assert [len(v) for v in collected['stdlib'].values()] == [2, 2]
   out = str(tmp_path / 'docs' / 'results')
@@ -212,11 +232,24 @@ def test_report_from_synthetic_runs(tmp_path):
       'prenorm'), about, params)
   assert '| 1.8000 | -0.2000 | one seed: spread unknown |' in one_seed
   report = str(tmp_path / 'docs' / 'results.md')
+  analysis_files = {'stdlib': [os.path.join(out, 'stdlib', name) for name in (
+      'compare_gain.png', 'analysis/dhc4/connections_20.png', 'analysis/dhc4/gain_20.png')]}
   results.write_report(report, command='python sweep.py --suite=x', collected=collected,
-                       corpus_results={'stdlib': corpus}, analysis_files={}, baseline='prenorm',
-                       about=about, params=params, machine_facts=results.machine(),
-                       analysis_tokens={}, note='A test.')
+                       corpus_results={'stdlib': corpus}, analysis_files=analysis_files,
+                       baseline='prenorm',
+                       about=about, params=params, analysis_tokens={'stdlib': 64},
+                       note='A test.',
+                       discussion='HC wins nothing here.')
   text = open(report).read()
+  assert ('- Trained on: Some CPU (16 cores), Linux; 1 x NVIDIA H200 (gpu); Python 3.11.7, JAX '
+          '0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, grain 0.2.18 (3 of 4 runs).'
+          in text)
+  assert '- Trained on: unknown (the run has no run.json) (1 of 4 runs).' in text
   assert '20 steps x batch 8 x 32 tokens = 5,120 tokens seen per run' in text
   assert '![loss curves](results/loss_stdlib.png)' in text
   assert 'beyond 2 SE: dhc4' in text and 'A test.' in text
+  assert '## Discussion\n\nHC wins nothing here.\n' in text
+  assert '### Analyses (stdlib, seed 0 of each variant, 64 validation tokens)' in text
+  assert '![compare_gain.png](results/stdlib/compare_gain.png)' in text
+  assert ('- dhc4: [connections](results/stdlib/analysis/dhc4/connections_20.png) · '
+          '[gain](results/stdlib/analysis/dhc4/gain_20.png)\n') in text

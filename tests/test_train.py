@@ -84,6 +84,10 @@ def test_loss_falls_and_outputs_written(full_run):
   assert 1.0 < ratio < 1.05
   with open(os.path.join(workdir, 'config.json')) as f:
     assert train_lib.config_from_json(json.load(f)).to_dict() == config.to_dict()
+  with open(os.path.join(workdir, 'run.json')) as f:
+    facts = json.load(f)
+  assert facts['backend'] == 'cpu' and facts['device_count'] == jax.device_count()
+  assert facts['host']['cpu_count'] == os.cpu_count() and facts['versions']['jax'] == jax.__version__
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
   assert ckpt.all_steps() == [20, 30]  # keep_latest=2; the best (lowest eval loss) is the last.
   assert ckpt.best_step() == 30

@@ -1,5 +1,6 @@
 """PNG figures of the analyses (matplotlib, Agg backend: no display needed)."""
 
+import io
 import math
 
 import matplotlib
@@ -8,14 +9,19 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 from matplotlib import ticker  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
+from PIL import Image  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _DPI = 110
 
 
 def _save(fig, path: str) -> None:
+  """Writes the figure as a 256-colour PNG: line plots and heatmaps stay legible at about a third
+  of the size of a full-colour one (reports commit these files)."""
   fig.tight_layout()
-  fig.savefig(path, dpi=_DPI)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=_DPI, format='png')
   plt.close(fig)
+  Image.open(buffer).convert('RGB').quantize(256).save(path, optimize=True)
 
 
 def _integer_x(ax) -> None:
@@ -103,6 +109,7 @@ def gain(results: dict[str, dict], path: str, title: str) -> None:
 def _groups(name: str, shape: list[int]) -> list[tuple[str, list[tuple[int, ...]]]]:
   """Entries of a coefficient, grouped into panels: alpha [N, M] -> its branch-input columns,
   A_r diagonal and off-diagonal; H_res -> diagonal / off-diagonal; vectors -> one panel."""
+  shape = [int(s) for s in shape]  # Plain ints label the legend (also from a reloaded array).
   if len(shape) <= 1:
     return [(name, [(i,) for i in range(shape[0])] if shape else [()])]
   rows, cols = shape
@@ -124,8 +131,9 @@ def coefficients(stats: list[dict], path: str, title: str) -> None:
     ax.axis('off')
     _save(fig, path)
     return
-  panels = [g for name, s in stats[0].items() for g in [(name,) + p for p in
-                                                         _groups(name, s['shape'])]]
+  # (name, panel title, entries); no panel for an empty group (x1 has no off-diagonal).
+  panels = [(name,) + g for name, s in stats[0].items() for g in _groups(name, s['shape'])
+            if g[1]]
   cols = min(len(panels), 3)
   rows = math.ceil(len(panels) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(cols * 4.5, rows * 3.2), squeeze=False)

@@ -11,12 +11,11 @@ import datetime
 import json
 import math
 import os
-import platform
 from typing import Any
 
 import numpy as np
 
-from hyperconn_jax import sweep
+from hyperconn_jax import metrics, sweep
 from hyperconn_jax.analysis import plots
 
 METRICS = ('eval_loss', 'eval_bits_per_byte', 'eval_ppl')
@@ -26,7 +25,8 @@ def read_run(run: sweep.Run) -> dict[str, Any]:
   """Facts of one finished run: final eval metrics, loss curves, tokens seen, wall time, config.
 
   Returns {'run', 'config', 'final': {metric: value}, 'train': (steps, losses),
-  'eval': (steps, losses), 'tokens_seen', 'wall_s' (None if unknown)}.
+  'eval': (steps, losses), 'tokens_seen', 'wall_s' (None if unknown), 'facts' (WORKDIR/run.json:
+  where it trained; None if absent)}.
   """
   rows = sweep.read_metrics(run.workdir)
   with open(os.path.join(run.workdir, 'config.json')) as f:
@@ -40,6 +40,11 @@ def read_run(run: sweep.Run) -> dict[str, Any]:
   if os.path.exists(wall_path):
     with open(wall_path) as f:
       wall_s = json.load(f)['wall_s']
+  facts_path = os.path.join(run.workdir, metrics.RUN_FACTS_FILE)
+  facts = None
+  if os.path.exists(facts_path):
+    with open(facts_path) as f:
+      facts = json.load(f)
   train = [(r['step'], r['loss']) for r in rows if 'loss' in r]
   evals = [(r['step'], r['eval_loss']) for r in rows if 'eval_loss' in r]
   return {
@@ -49,6 +54,7 @@ def read_run(run: sweep.Run) -> dict[str, Any]:
       'tokens_seen': last * config['train']['batch_size'] * config['data']['seq_len'],
       'eval_tokens': final[-1].get('eval_tokens'),
       'wall_s': wall_s,
+      'facts': facts,
   }
 
 
@@ -168,20 +174,27 @@ def curves(by_exp: dict[str, list[dict[str, Any]]]) -> dict[str, dict]:
   return out
 
 
-def machine() -> dict[str, Any]:
-  """This machine: OS, CPU model and count, JAX backend and devices."""
-  import jax  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor() or 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    cpu = names[0] if names else cpu
-  except OSError:
-    pass
-  return {'platform': platform.platform(), 'cpu': cpu, 'cpu_count': os.cpu_count(),
-          'python': platform.python_version(), 'jax': jax.__version__,
-          'backend': jax.default_backend(), 'devices': f'{jax.device_count()} x '
-                                                       f'{jax.devices()[0].device_kind}'}
+def describe_machine(facts: dict[str, Any] | None) -> str:
+  """One line on the machine and stack a run trained on, from its run.json facts."""
+  if facts is None:
+    return 'unknown (the run has no run.json)'
+  host, v = facts.get('host', {}), facts['versions']
+  return (f'{host.get("cpu", "unknown CPU")} ({host.get("cpu_count", "?")} cores), '
+          f'{host.get("platform", "unknown OS")}; {facts["device_count"]} x '
+          f'{facts["device_kind"]} ({facts["backend"]}); Python {v["python"]}, JAX {v["jax"]}, '
+          f'flax {v["flax"]}, optax {v["optax"]}, orbax-checkpoint {v["orbax-checkpoint"]}, '
+          f'grain {v["grain"]}')
+
+
+def machines(collected: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, int]:
+  """{machine description: number of runs trained there}, over all collected runs."""
+  out = {}
+  for by_exp in collected.values():
+    for runs in by_exp.values():
+      for r in runs:
+        key = describe_machine(r['facts'])
+        out[key] = out.get(key, 0) + 1
+  return out
 
 
 def write_corpus_results(corpus: str, by_exp: dict[str, list[dict[str, Any]]], baseline: str,
@@ -211,8 +224,7 @@ def _rel(path: str, start: str) -> str:
 def write_report(path: str, *, command: str, collected: dict[str, dict[str, list]],
                  corpus_results: dict[str, dict[str, Any]], analysis_files: dict[str, list[str]],
                  baseline: str, about: dict[str, str], params: dict[str, dict[str, int]],
-                 machine_facts: dict[str, Any], analysis_tokens: dict[str, int],
-                 note: str = '') -> None:
+                 analysis_tokens: dict[str, int], note: str = '', discussion: str = '') -> None:
   """Writes the markdown report (docs/results.md) from the sweep's collected results.
 
   Args:
@@ -222,9 +234,9 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
     corpus_results: corpus -> write_corpus_results(...).
     analysis_files: corpus -> PNG paths of the analyses (overlays first).
     baseline, about, params: the baseline experiment, one-line descriptions, parameter counts.
-    machine_facts: from `machine`.
     analysis_tokens: corpus -> number of validation tokens the analyses averaged over.
     note: a sentence appended to the setup's wall-time line (e.g. about a shared machine).
+    discussion: markdown for a Discussion section after the setup ('' for none).
   """
   start = os.path.dirname(os.path.abspath(path))
   finished = [r for by_exp in collected.values() for runs in by_exp.values() for r in runs]
@@ -242,9 +254,8 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
       'UTC. Every number below was measured by that command; re-running it skips finished runs '
       'and regenerates this page.', '',
       '## Setup', '',
-      f'- Machine: {machine_facts["cpu"]} ({machine_facts["cpu_count"]} cores), '
-      f'{machine_facts["platform"]}; JAX {machine_facts["jax"]} on {machine_facts["backend"]} '
-      f'({machine_facts["devices"]}); Python {machine_facts["python"]}.',
+      *(f'- Trained on: {desc} ({n} of {n_runs} runs).'
+        for desc, n in machines(collected).items()),
       f'- Model: decoder, d_model {m["d_model"]}, {m["num_layers"]} layers, {m["num_heads"]} '
       f'heads, MLP {m["mlp_dim"]}, vocab {m["vocab_size"]} '
       f'(parameter counts per variant in the tables).',
@@ -261,6 +272,8 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
       f'seeds; Δ = mean − mean of `{baseline}`, ± its standard error; "beyond 2 SE" marks a '
       'difference larger than twice that standard error.', '',
   ]
+  if discussion:
+    lines += ['## Discussion', '', discussion, '']
   for corpus, result in corpus_results.items():
     loss_png = next(p for p in result['files'] if p.endswith('.png'))
     lines += [f'## Corpus: {corpus}', '', result['table'], '',
@@ -283,9 +296,15 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
                 'a residual, near 1 expected for mHC):', '']
       lines += [f'![{os.path.basename(p)}]({_rel(p, start)})' for p in files
                 if os.path.basename(p).startswith('compare_')]
-      lines += ['', 'Unrolled connection matrices (HC App. F) per variant:', '']
-      lines += [f'- [{os.path.basename(os.path.dirname(p))}]({_rel(p, start)})' for p in files
-                if os.path.basename(p).startswith('connections_')]
+      lines += ['', 'Per variant: unrolled connection matrices (HC App. F), coefficient '
+                'distributions per layer, collapse and gain:', '']
+      by_variant = {}
+      for p in files:
+        if not os.path.basename(p).startswith('compare_'):
+          by_variant.setdefault(os.path.basename(os.path.dirname(p)), []).append(p)
+      lines += [f'- {variant}: ' + ' · '.join(
+          f'[{os.path.basename(p).rsplit("_", 1)[0]}]({_rel(p, start)})' for p in pngs)
+                for variant, pngs in by_variant.items()]
       lines.append('')
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
