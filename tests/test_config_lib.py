@@ -71,6 +71,9 @@ BAD_VALUES = [
     ('model.connection.sinkhorn_eps', 0.0, _MHC),
     ('model.connection.post_mult', 0.0, _MHC),
     ('model.connection.res_init', 'random', _MHC),
+    ('model.connection.pre_init', 'random', _MHC),
+    ('model.connection.pre_off_home', 0.3, _MHC),  # n = 4: must be below 1/4.
+    ('model.connection.pre_off_home', 0.0, _MHC),
     ('model.connection.mappings', ('pre', 'bogus'), _MHC),
     ('model.connection.reduce', 'mean', _MHC),
     ('model.moe.num_experts', 0, _MOE),
