@@ -13,9 +13,10 @@ import ml_collections
 def connection_config() -> ml_collections.ConfigDict:
   """Options of the residual / hyper-connection wrapping every sub-layer (config.model.connection)."""
   return ml_collections.ConfigDict(dict(
-      # 'residual_prenorm' | 'residual_postnorm' | 'hc' | 'mhc' | 'frac'.
+      # 'residual_prenorm' | 'residual_postnorm' | 'hc' | 'mhc' | 'frac', or HC Table 4's related
+      # methods 'resi_dual' (ResiDual) | 'altup' (AltUp, n blocks).
       kind='hc',
-      # HC / mHC expansion rate n (number of residual streams), any n >= 1.
+      # HC / mHC expansion rate n (number of residual streams; AltUp: blocks), any n >= 1.
       n=4,
       # Frac-Connections frac-rate m (the hidden size is split into m fractions); m must divide d_model.
       m=4,

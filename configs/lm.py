@@ -7,7 +7,8 @@
 
 Arguments (after ':', comma-separated key=value):
   connection  residual (= residual_prenorm) | residual_prenorm | residual_postnorm | hc | mhc | frac
-  n, m        HC / mHC expansion rate, Frac-Connections frac-rate
+              | resi_dual | altup  (the last two: HC Table 4's related methods)
+  n, m        HC / mHC expansion rate (AltUp: blocks), Frac-Connections frac-rate
   dynamic     static (SHC / SFC) or dynamic (DHC / DFC) coefficients
   tanh        auto (= dynamic) | true | false  (HC Table 1 'W/O tanh')
   train_width, train_beta   HC Table 3 ablations (non-trainable width-connections / B)

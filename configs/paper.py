@@ -73,6 +73,9 @@ EXPERIMENTS = {
                                         about='DHC x4 without tanh, WC not trainable'),
     'dhc4_notanh_frozen_b': Experiment(_hc(4, tanh=False, train_beta=False),
                                        about='DHC x4 without tanh, B not trainable'),
+    # HC Table 4: related methods at n = 2 (its DHC rows are dhc2, dhc2_notanh).
+    'resi_dual': Experiment('connection=resi_dual', about='ResiDual (Pre-Post-LN)'),
+    'altup2': Experiment('connection=altup,n=2', about='AltUp x2'),
     # HC Table 5: the 7B shape.
     'olmo7b_prenorm': Experiment('connection=residual', paper_size='olmo_7b',
                                  about='OLMo-7B residual Pre-Norm'),
@@ -106,7 +109,7 @@ SUITES = {
     'hc_table2': ('prenorm', 'shc2', 'dhc2', 'dhc2_notanh', 'shc4', 'dhc4', 'dhc4_notanh'),
     'hc_table3': ('dhc4', 'dhc4_notanh_frozen_wc', 'dhc4_frozen_b', 'dhc4_notanh',
                   'dhc4_frozen_wc', 'dhc4_notanh_frozen_b'),
-    'hc_table4': ('prenorm', 'dhc2', 'dhc2_notanh'),
+    'hc_table4': ('prenorm', 'resi_dual', 'altup2', 'dhc2', 'dhc2_notanh'),
     'hc_table5': ('olmo7b_prenorm', 'olmo7b_dhc4'),
     'hc_table6': ('olmoe_prenorm', 'olmoe_dhc4'),
     'mhc_table1': ('prenorm', 'mhc4_res', 'mhc4_res_pre', 'mhc4'),

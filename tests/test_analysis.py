@@ -61,6 +61,26 @@ def test_frac_at_init_is_prenorm():
   np.testing.assert_allclose(result['C0'], np.tril(np.ones((5, 5))), atol=1e-6)
 
 
+def test_altup_at_init_is_prenorm():
+  """P = I, g = 1: each block gets every sub-layer's output and the active one feeds T."""
+  tokens = tokens_of(loop_model('connection=altup,n=2'))
+  result = diagnostics.connection_matrices(tokens)
+  np.testing.assert_allclose(result['C0'][:-1], np.tril(np.ones((5, 5)))[:-1], atol=1e-6)
+  np.testing.assert_allclose(result['C0'][-1], 2.0, atol=1e-6)  # The sum of the 2 blocks.
+  np.testing.assert_allclose(diagnostics.gain(tokens)['composite_forward'], 1.0, atol=1e-6)
+
+
+def test_resi_dual_streams():
+  """ResiDual's x_d stream (index 1) holds every earlier output with weight 1 (the all-ones
+  triangle, output row included); the sub-layers read x_a (stream 0), a Post-Norm residual."""
+  result = diagnostics.connection_matrices(tokens_of(loop_model('connection=resi_dual')))
+  np.testing.assert_allclose(result['C_streams'][1], np.tril(np.ones((5, 5))), atol=1e-6)
+  # Post-Norm: the embedding and the first sub-layer's output reach layer k >= 2 through the
+  # same k - 1 norms, so with the same weight.
+  np.testing.assert_allclose(result['C0'][1:-1, 0], result['C0'][1:-1, 1], rtol=1e-6)
+  assert not np.allclose(result['C0'][2:-1, 0], 1.0)
+
+
 def test_permutation_residual_gives_checkerboard():
   """Static HC x2 with A_r = swap, A_m = e_0 (read stream 0), B = (1, 0) (write stream 0)."""
   model = loop_model('connection=hc,n=2,dynamic=false')

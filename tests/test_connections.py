@@ -74,11 +74,12 @@ def count(module):
 # ------------------------------------------------------------------ numpy references (papers)
 
 def ref_norm(v, kind, eps):
+  """Norm over the last axis."""
   if kind == 'none':
     return v
   if kind == 'layernorm':
-    v = v - v.mean()
-  return v / np.sqrt(np.mean(v * v) + eps)
+    v = v - v.mean(-1, keepdims=True)
+  return v / np.sqrt(np.mean(v * v, -1, keepdims=True) + eps)
 
 
 def ref_sigmoid(v):
@@ -213,6 +214,58 @@ def ref_mhc_head(x, streams):
       w = ref_sigmoid(value(streams, 'gate_head') * (xt @ phi) + value(streams, 'bias_head'))
       out[b, t] = sum(w[i] * x[b, t, i] for i in range(n))
   return out
+
+
+def ref_altup(x, p, g, active, branch_np):
+  """AltUp (arXiv 2301.13310) Algorithm 1 around one sub-layer T with residual: predict
+  xhat = P x, compute xtilde = xhat_j* + T(xhat_j*), correct out_i = xhat_i + g_i (xtilde -
+  xhat_j*)."""
+  xhat = np.einsum('ij,bljd->blid', p, x)
+  xtilde = xhat[:, :, active] + branch_np(xhat[:, :, active])
+  return xhat + g[:, None] * (xtilde - xhat[:, :, active])[:, :, None, :]
+
+
+def ref_resi_dual(h, branches_np, dual_scale):
+  """ResiDual (arXiv 2304.14802; microsoft/ResiDual): x_a = x_d = h; per sub-layer y = T(x_a),
+  x_d += y, x_a = LN(x_a + y); output x_a + LN(x_d) * dual_scale."""
+  x_a, x_d = h, h
+  for branch_np in branches_np:
+    y = branch_np(x_a)
+    x_d = x_d + y
+    x_a = ref_norm(x_a + y, 'layernorm', EPS)
+  return x_a + ref_norm(x_d, 'layernorm', EPS) * dual_scale
+
+
+@pytest.mark.parametrize('k,sublayer,index_base', [(2, 0, 0), (2, 3, 0), (3, 4, 1), (1, 2, 0)])
+def test_altup_matches_reference(k, sublayer, index_base):
+  d = 8
+  config = make_config('altup', n=k, index_base=index_base)
+  _, connection = build(config, d, sublayer_index=sublayer)
+  rng = np.random.default_rng(k)
+  p, g = rng.normal(size=(k, k)), rng.normal(size=(k,))
+  connection.predict[...] = jnp.asarray(p, jnp.float32)
+  connection.correct[...] = jnp.asarray(g, jnp.float32)
+  branch, branch_np = make_branch(d)
+  x = random_streams((B, L, k, d))
+  want = ref_altup(np.asarray(x, np.float64), p, g, (sublayer + index_base) % k, branch_np)
+  np.testing.assert_allclose(connection(x, branch), want, rtol=1e-5, atol=1e-5)
+
+
+def test_resi_dual_matches_reference():
+  d = 8
+  config = make_config('resi_dual')
+  streams, _ = build(config, d)
+  modules = [build(config, d, sublayer_index=k)[1] for k in range(3)]
+  assert not modules[0].branch_prenorm
+  scale = np.random.default_rng(0).normal(size=d)
+  streams.dual_norm.scale[...] = jnp.asarray(scale, jnp.float32)
+  pairs = [make_branch(d, seed=s) for s in range(3)]
+  h = random_streams((B, L, d))
+  x = streams.expand(h)
+  for module, (branch, _) in zip(modules, pairs):
+    x = module(x, branch)
+  want = ref_resi_dual(np.asarray(h, np.float64), [b for _, b in pairs], dual_scale=scale)
+  np.testing.assert_allclose(streams.reduce(x), want, rtol=1e-5, atol=1e-5)
 
 
 # -------------------------------------------------------------- module vs reference (random)
@@ -466,6 +519,8 @@ INIT_CASES = [
     ('frac', dict(m=1), 1),
     ('frac', dict(m=4, dynamic=False, tanh=False), 1),
     ('frac', dict(m=4, dynamic_norm='rmsnorm', dynamic_norm_affine=True), 1),
+    ('altup', dict(n=2), 2),
+    ('altup', dict(n=3, index_base=1), 3),
 ]
 
 
@@ -530,6 +585,7 @@ GRAD_CASES = {
     'frac_dynamic_affine': ('frac', dict(dynamic_norm_affine=True)),
     'mhc': ('mhc', dict(reduce='head')),
     'mhc_uniform_res_only': ('mhc', dict(res_init='uniform', mappings=('res',))),
+    'altup': ('altup', dict()),
 }
 
 # Parameters whose gradient is exactly 0 at init, whatever the input and cotangent:
@@ -575,8 +631,9 @@ def test_gradients_reach_every_parameter_at_init(case):
         np.testing.assert_array_equal(g, 0.0, err_msg=name)
       else:
         assert (g != 0).all(), (name, g)
-  expected = {'static_alpha', 'static_beta'} if kind != 'mhc' else {'phi', 'bias', 'gate_res'}
-  if kind != 'mhc' and overrides.get('dynamic', True):
+  expected = {'hc': {'static_alpha', 'static_beta'}, 'frac': {'static_alpha', 'static_beta'},
+              'mhc': {'phi', 'bias', 'gate_res'}, 'altup': {'predict', 'correct'}}[kind]
+  if kind in ('hc', 'frac') and overrides.get('dynamic', True):
     expected |= {'dynamic_alpha', 'dynamic_beta'}
   assert expected <= names
 
@@ -705,6 +762,7 @@ BAD_OPTIONS = [
     ('hc', 'out_proj_sqrt_n', 'sqrt'), ('mhc', 'out_proj_sqrt_n', 'up'),
     ('residual_prenorm', 'out_proj_sqrt_n', 'divided'),
     ('hc', 'dynamic_norm_affine', True),  # With dynamic_norm='none' (set below).
+    ('altup', 'n', 0), ('altup', 'index_base', -2), ('altup', 'train_width', False),
 ]
 
 

@@ -84,7 +84,9 @@ FRAC_VARIANTS = [('frac', dict(m=m, dynamic=dyn), 1e-5) for m in (1, 2, 4, 8)
 MHC_VARIANTS = [('mhc', dict(n=n, res_init=r), 1e-4) for n in (2, 4, 8)
                 for r in ('identity', 'uniform')]
 MHC_VARIANTS += [('mhc', dict(n=1, mappings=('post', 'res')), 1e-4)]
-ALL_VARIANTS = HC_VARIANTS + FRAC_VARIANTS + MHC_VARIANTS
+# AltUp with P = I, g = 1 gives every block each sub-layer's output: exactly Pre-Norm.
+ALTUP_VARIANTS = [('altup', dict(n=k), 1e-5) for k in (2, 3)]
+ALL_VARIANTS = HC_VARIANTS + FRAC_VARIANTS + MHC_VARIANTS + ALTUP_VARIANTS
 
 
 def variant_id(v):
@@ -114,8 +116,9 @@ def test_init_equals_prenorm(variant):
   assert rel_err(models.build_model(cfg, nnx.Rngs(1))(tok), ref_logits) > 1e-2
 
 
-@pytest.mark.parametrize('kind, opts', [('hc', dict(n=4, dynamic=True)),
-                                        ('mhc', dict(n=4))], ids=['hc', 'mhc'])
+@pytest.mark.parametrize('kind, opts', [('hc', dict(n=4, dynamic=True)), ('mhc', dict(n=4)),
+                                        ('resi_dual', {}), ('altup', dict(n=2))],
+                         ids=['hc', 'mhc', 'resi_dual', 'altup'])
 def test_causal_through_gradients(kind, opts):
   cfg = tiny_config(kind, **opts)
   model = models.build_model(cfg, nnx.Rngs(0))
@@ -234,8 +237,9 @@ ZERO_GRAD_AT_INIT = ('alpha_scale', 'beta_scale', 'gate_pre', 'gate_post', 'gate
 @pytest.mark.parametrize('kind, opts', [
     ('hc', dict(n=4, dynamic=True)), ('hc', dict(n=2, dynamic=False)),
     ('frac', dict(m=4, dynamic=True, dynamic_norm='rmsnorm', dynamic_norm_affine=True)),
-    ('mhc', dict(n=4, res_init='identity')), ('mhc', dict(n=2, res_init='uniform'))],
-    ids=['hc-dyn', 'hc-static', 'frac-dyn', 'mhc-identity', 'mhc-uniform'])
+    ('mhc', dict(n=4, res_init='identity')), ('mhc', dict(n=2, res_init='uniform')),
+    ('altup', dict(n=2)), ('resi_dual', dict())],
+    ids=['hc-dyn', 'hc-static', 'frac-dyn', 'mhc-identity', 'mhc-uniform', 'altup', 'resi_dual'])
 def test_gradients_reach_every_connection_parameter(kind, opts):
   cfg = tiny_config(kind, **opts)
   model = models.build_model(cfg, nnx.Rngs(0))

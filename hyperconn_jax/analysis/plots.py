@@ -151,7 +151,7 @@ def coefficients(stats: list[dict], path: str, title: str) -> None:
       ax.legend(fontsize=6, ncol=2)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis('off')
-  fig.suptitle(title)
+  fig.suptitle(title, fontsize=9 if cols == 1 else None)  # One panel is narrow.
   _save(fig, path)
 
 

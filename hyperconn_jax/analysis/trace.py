@@ -5,12 +5,15 @@ Every connection kind is written as three linear maps per token (the HC matrix o
   res     R [N, N]  the residual mix:  x'_j = sum_i R[i, j] x_i  (HC: A_r; mHC: H_res^T; frac: A)
   inject  E [r, N]  the branch output: out = x' + E^T T(h_0)  (HC: B as a row; mHC: H_post; frac:
                     diag(B), since fraction q of T's output goes to fraction-stream q only)
-with N streams and r = 1 (hc, mhc, residual) or m (frac: the branch sees m fractions). Residual
-Pre-Norm is X = R = E = [[1]]; Post-Norm Norm(h + T(h)) is, as HC App. G writes it,
-X = [[1]], R = E = [[1 / s]] with s the token's standard deviation (RMS for rmsnorm) of h + T(h)
-(centring and any affine scale are folded into the next layer). The embedding enters with
-E_0 = 1_{1xN} (a broadcast; frac: I, a split) and the output reads X_out = 1_{Nx1} (a sum; frac: I,
-a concatenation; mHC reduce='head': its learned weights).
+with N streams and r = 1 (hc, mhc, altup, resi_dual, residual) or m (frac: the branch sees m
+fractions). Residual Pre-Norm is X = R = E = [[1]]; Post-Norm Norm(h + T(h)) is, as HC App. G
+writes it, X = [[1]], R = E = [[1 / s]] with s the token's standard deviation (RMS for rmsnorm)
+of h + T(h) (centring and any affine scale are folded into the next layer). The embedding enters
+with E_0 = 1_{1xN} (a broadcast; frac: I, a split) and the output reads X_out = 1_{Nx1} (a sum;
+frac: I, a concatenation; mHC reduce='head': its learned weights). AltUp is HC-form
+(alpha = [P^T e_j* | P^T], beta = g). ResiDual's streams (x_a, x_d) are X = [1, 0]^T,
+R = diag(1 / s, 1), E = [1 / s, 1] with s as for Post-Norm, and its output x_a + LN(x_d) reads
+X_out = [1, 1 / s_d]^T with s_d the std of x_d (the LN's learned scale is left out).
 
 `trace` runs a model in its Python-loop layout with every connection module temporarily replaced
 by a recorder (found by type, recorded in call order), so it works for any model whose blocks
@@ -24,15 +27,25 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
-from hyperconn_jax.connections import frac, hc, mhc, residual
+from hyperconn_jax.connections import altup, frac, hc, mhc, resi_dual, residual
 
 
 def _is_connection(node) -> bool:
-  return isinstance(node, (residual.Connection, hc.HyperConnectionBase, mhc.Connection))
+  return isinstance(node, (residual.Connection, hc.HyperConnectionBase, mhc.Connection,
+                           altup.Connection, resi_dual.Connection))
 
 
 def _is_streams(node) -> bool:
-  return isinstance(node, (residual.Streams, hc.Streams, mhc.Streams, frac.Streams))
+  return isinstance(node, (residual.Streams, hc.Streams, mhc.Streams, frac.Streams,
+                           resi_dual.Streams))
+
+
+def _inv_std(x_BxLxD: jax.Array, norm) -> jax.Array:
+  """1 / (the std (layernorm) or RMS (rmsnorm) of x over D) as `norm` computes it, float32 [B, L]."""
+  x_BxLxD = x_BxLxD.astype(jnp.float32)
+  if norm.kind == 'layernorm':
+    x_BxLxD = x_BxLxD - jnp.mean(x_BxLxD, axis=-1, keepdims=True)
+  return jax.lax.rsqrt(jnp.mean(jnp.square(x_BxLxD), axis=-1) + norm.eps)
 
 
 def _eye(n: int, batch: tuple[int, ...]) -> jax.Array:
@@ -52,12 +65,17 @@ def _forms(conn, x_BxLxNxD, h_BxLxD, y_BxLxD) -> tuple[dict[str, jax.Array], dic
     if conn.post_norm is None:
       one = jnp.ones(batch + (1, 1), jnp.float32)
       return {'extract': one, 'res': one, 'inject': one}, {}
-    z_BxLxD = (h_BxLxD + y_BxLxD).astype(jnp.float32)
-    if conn.post_norm.kind == 'layernorm':
-      z_BxLxD = z_BxLxD - jnp.mean(z_BxLxD, axis=-1, keepdims=True)
-    inv_s_BxL = jax.lax.rsqrt(jnp.mean(jnp.square(z_BxLxD), axis=-1) + conn.post_norm.eps)
+    inv_s_BxL = _inv_std(h_BxLxD + y_BxLxD, conn.post_norm)
     scale = inv_s_BxL[..., None, None]
     return ({'extract': jnp.ones(batch + (1, 1), jnp.float32), 'res': scale, 'inject': scale},
+            {'inv_std': inv_s_BxL})
+  if isinstance(conn, resi_dual.Connection):
+    # Streams (x_a, x_d): T reads x_a; x_a' = (x_a + y) / s, x_d' = x_d + y.
+    inv_s_BxL = _inv_std(h_BxLxD + y_BxLxD, conn.post_norm)
+    one, zero = jnp.ones_like(inv_s_BxL), jnp.zeros_like(inv_s_BxL)
+    return ({'extract': jnp.stack([one, zero], axis=-1)[..., None],
+             'res': jnp.stack([jnp.stack([inv_s_BxL, zero], -1), jnp.stack([zero, one], -1)], -2),
+             'inject': jnp.stack([inv_s_BxL, one], axis=-1)[..., None, :]},
             {'inv_std': inv_s_BxL})
   if isinstance(conn, mhc.Connection):
     h_pre, h_post, h_res = (jnp.broadcast_to(c, batch + c.shape[len(c.shape) - k:])
@@ -84,6 +102,9 @@ def _stream_ends(streams, x_BxLxNxD) -> tuple[jax.Array, jax.Array]:
   ones = jnp.ones(batch + (1, n), jnp.float32)
   if isinstance(streams, mhc.Streams) and streams.head:
     return ones, streams.head_weights(x_BxLxNxD)[..., None]
+  if isinstance(streams, resi_dual.Streams):  # x_a + LN(x_d): its learned scale is left out.
+    inv_s_BxL = _inv_std(x_BxLxNxD[..., 1, :], streams.dual_norm)
+    return ones, jnp.stack([jnp.ones_like(inv_s_BxL), inv_s_BxL], axis=-1)[..., None]
   return ones, jnp.swapaxes(ones, -1, -2)
 
 

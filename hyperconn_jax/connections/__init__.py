@@ -4,13 +4,15 @@ Per model there is one `Streams` module (from `build_streams`) with two verbs:
   expand(h_BxLxD) -> x_BxLxNxD   (residual: N = 1; hc / mhc: a broadcast to N = n copies;
                                   frac: N = m fractions, the last axis D/m)
   reduce(x_BxLxNxD) -> h_BxLxD   (before the final norm; hc: sum; mhc: sum or learned head;
-                                  frac: concatenation)
+                                  frac: concatenation; resi_dual: x_a + LN(x_d); altup: sum)
 and per sub-layer (attention, FFN, MoE) one connection module (from `build_connection`):
   connection(x_BxLxNxD, branch) -> x_BxLxNxD
 where `branch` maps y_BxLxD -> y_BxLxD. The branch owns its pre-norm (HC paper: T := T o Norm) when
-`connection.branch_prenorm` is True; only `residual_postnorm` sets it False and normalises after
-the add. The hc / mhc / frac connections also expose `coefficients(x_BxLxNxD)`, their float32
-mixing coefficients (hc / frac: alpha, beta; mhc: H_pre, H_post, H_res), for analysis.
+`connection.branch_prenorm` is True; `residual_postnorm` and `resi_dual` set it False and
+normalise after the add. The hc / mhc / frac / altup connections also expose
+`coefficients(x_BxLxNxD)`, their float32 mixing coefficients (hc / frac / altup: alpha, beta;
+mhc: H_pre, H_post, H_res), for analysis. `resi_dual` (ResiDual) and `altup` (AltUp) are the
+related methods of HC Table 4.
 
 `config` below is `config.model.connection` (see configs/base.py for every field).
 """
@@ -23,7 +25,7 @@ from flax import nnx
 
 from hyperconn_jax.connections import checks, residual
 
-KINDS = ('residual_prenorm', 'residual_postnorm', 'hc', 'mhc', 'frac')
+KINDS = ('residual_prenorm', 'residual_postnorm', 'hc', 'mhc', 'frac', 'resi_dual', 'altup')
 
 Branch = Callable[[jax.Array], jax.Array]
 
@@ -40,6 +42,12 @@ def _module(kind: str):
   if kind == 'frac':
     from hyperconn_jax.connections import frac
     return frac
+  if kind == 'resi_dual':
+    from hyperconn_jax.connections import resi_dual
+    return resi_dual
+  if kind == 'altup':
+    from hyperconn_jax.connections import altup
+    return altup
   raise ValueError(f'model.connection.kind must be one of {KINDS}, got {kind!r}')
 
 
