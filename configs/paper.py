@@ -118,7 +118,8 @@ SUITES = {
     'fc_ablation': ('prenorm', 'dfc2', 'dfc4', 'sfc4', 'dfc2_norescale', 'dfc2_notanh',
                     'dfc2_nonorm'),
     # docs/results.md: the CPU-scale comparison.
-    'report': ('prenorm', 'shc4', 'dhc4', 'mhc4', 'mhc4_uniform', 'dfc4', 'dhc1', 'dhc2', 'dhc8'),
+    'report': ('prenorm', 'shc4', 'dhc4', 'mhc4', 'mhc4_uniform', 'dfc4', 'dhc1', 'dhc2', 'dhc8',
+               'resi_dual', 'altup2'),
 }
 
 SIZES = ('tiny', 'cpu', 'paper')
