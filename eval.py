@@ -32,12 +32,8 @@ _MESH_SHAPE = flags.DEFINE_string(
     'devices, else the default of configs/base.py).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, "Where the dataset is prepared (default: the "
                                 "run's data.data_dir).")
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', '', "Multi-process: 'host:port' of process 0 ('' = auto-detect).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', 0, 'Multi-process: number of processes (0 = auto-detect).')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', -1, 'Multi-process: index of this process (-1 = auto-detect).')
+_INITIALIZE_DISTRIBUTED = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)  # --help lists them too.
 
 
 def load_config(workdir: str, *, eval_batches: int | None = None, batch_size: int | None = None,
@@ -116,7 +112,7 @@ def format_table(result: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  _INITIALIZE_DISTRIBUTED()
   metrics.quiet_library_logs()
   mesh_shape = None
   if _MESH_SHAPE.value:

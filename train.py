@@ -25,18 +25,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', os.path.join(_REPO, 'workdirs', 'default'),
     'Output directory: checkpoints/, metrics.jsonl, tensorboard/, config.json.')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', '', "Multi-process: 'host:port' of process 0 ('' = auto-detect).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', 0, 'Multi-process: number of processes (0 = auto-detect).')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', -1, 'Multi-process: index of this process (-1 = auto-detect).')
+_INITIALIZE_DISTRIBUTED = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)  # --help lists them too.
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  _INITIALIZE_DISTRIBUTED()
   metrics.quiet_library_logs()
   # Imported after distributed initialisation: nothing may touch the JAX backend before it.
   from hyperconn_jax import config_lib, train_lib  # pylint: disable=g-import-not-at-top

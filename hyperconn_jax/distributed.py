@@ -4,7 +4,9 @@ Called first thing by train.py / eval.py; never by library code or tests.
 """
 
 import os
+from typing import Callable
 
+from absl import flags
 from absl import logging
 import jax
 
@@ -72,3 +74,15 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   logging.info('Initialising jax.distributed (detected %s).', env)
   jax.distributed.initialize()
   return True
+
+
+def define_flags() -> Callable[[], bool]:
+  """Defines a launcher script's --coordinator_address, --num_processes and --process_id; returns
+  a function that calls `maybe_initialize` with their values."""
+  coordinator = flags.DEFINE_string(
+      'coordinator_address', '', "Multi-process: 'host:port' of process 0 ('' = auto-detect).")
+  num_processes = flags.DEFINE_integer(
+      'num_processes', 0, 'Multi-process: number of processes (0 = auto-detect).')
+  process_id = flags.DEFINE_integer(
+      'process_id', -1, 'Multi-process: index of this process (-1 = auto-detect).')
+  return lambda: maybe_initialize(coordinator.value, num_processes.value, process_id.value)
