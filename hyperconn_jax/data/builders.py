@@ -42,9 +42,23 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   TFDS locates a builder's download checksums next to its code with `importlib_resources`, a
   package it only requires on Python < 3.9, so preparing a builder defined in a package fails on a
   newer Python without it; with no code path there are no checksums to look for.
+
+  Subclasses set DESCRIPTION and `_metadata()` (what the builder config records) for the default
+  `_info`, one example per local file (`_features`), or override `_info`.
   """
 
   code_path = None
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  DESCRIPTION = ''
+
+  def _metadata(self) -> dict:
+    raise NotImplementedError
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION, features=_features(),
+        disable_shuffling=True, metadata=tfds.core.MetadataDict(**self._metadata()))
 
 
 def stdlib_root() -> str:
@@ -149,19 +163,12 @@ def stdlib_config(eval_fraction: float) -> StdlibConfig:
 class PythonStdlib(_LocalBuilder):
   """The source files of the running interpreter's standard library, one example per file."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  DESCRIPTION = 'Python standard library sources, byte-level language modelling corpus.'
 
-  def _info(self) -> tfds.core.DatasetInfo:
+  def _metadata(self) -> dict:
     config = self.builder_config
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='Python standard library sources, byte-level language modelling corpus.',
-        features=_features(),
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(
-            python_version=python_version(), root=config.root,
-            eval_fraction=config.eval_fraction))
+    return dict(python_version=python_version(), root=config.root,
+                eval_fraction=config.eval_fraction)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
@@ -215,18 +222,11 @@ def text_files_config(text_glob: str, eval_fraction: float) -> TextFilesConfig:
 class TextFiles(_LocalBuilder):
   """The user's own UTF-8 text files (data.text_glob), one example per file."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  DESCRIPTION = 'Text files matched by a glob.'
 
-  def _info(self) -> tfds.core.DatasetInfo:
+  def _metadata(self) -> dict:
     config = self.builder_config
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='Text files matched by a glob.',
-        features=_features(),
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(
-            text_glob=config.text_glob, eval_fraction=config.eval_fraction))
+    return dict(text_glob=config.text_glob, eval_fraction=config.eval_fraction)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.

@@ -51,9 +51,6 @@ def _index_hash(index: int) -> float:
 class Digits(builders._LocalBuilder, skip_registration=True):  # pylint: disable=protected-access
   """scikit-learn's 8x8 handwritten digits as uint8 images; see the module docstring."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
