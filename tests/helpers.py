@@ -1,9 +1,14 @@
-"""Tiny configs and a small text corpus for the training / checkpoint / optimizer tests."""
+"""Tiny configs, a small text corpus and flat parameter access for the tests."""
 
 import os
 import random
 
+from flax import nnx
+from flax import traverse_util
+import pytest
+
 from configs import base
+from hyperconn_jax import models
 
 _WORDS = ('the', 'quick', 'brown', 'fox', 'jumps', 'over', 'lazy', 'dog', 'hyper', 'connection',
           'stream', 'residual', 'layer', 'norm', 'matrix', 'width', 'depth', 'token')
@@ -40,3 +45,24 @@ def tiny_config(corpus_glob: str, data_dir: str, **train_overrides):
   config.train.update(**train_overrides)
   config.lock()
   return config
+
+
+def flat(model_or_state) -> dict:
+  """{path tuple: array} of a model's (or an nnx.State's) variables."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+  return traverse_util.flatten_dict(nnx.to_pure_dict(state))
+
+
+def set_flat(model, flat_params: dict) -> None:
+  """Sets a model's variables from a `flat` dict."""
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat_params))
+  nnx.update(model, state)
+
+
+def assert_validate_names_field(model_config, section: str, field: str, value) -> None:
+  """Setting model.<section>.<field> to a bad value makes models.validate name that field."""
+  with model_config[section].ignore_type():
+    model_config[section][field] = value
+  with pytest.raises(ValueError, match=f'model.{section}.{field}'):
+    models.validate(model_config)

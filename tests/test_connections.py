@@ -270,6 +270,17 @@ def test_resi_dual_matches_reference():
 
 # -------------------------------------------------------------- module vs reference (random)
 
+def assert_matches_reference(config, ref, x, *, seed, dim=None, sublayer_index=0):
+  """A connection with random variables, applied to streams x with a nonlinear branch, equals
+  ref(x, connection, config, branch_np) (a numpy transcription of the paper's equations)."""
+  dim = dim or x.shape[-1]
+  _, connection = build(config, dim, sublayer_index=sublayer_index)
+  randomize(connection, seed=seed)
+  branch, branch_np = make_branch(dim)
+  want = ref(np.asarray(x, np.float64), connection, config, branch_np)
+  np.testing.assert_allclose(connection(x, branch), want, rtol=1e-5, atol=1e-5)
+
+
 HC_VARIANTS = {
     'static': dict(dynamic=False, tanh=False),
     'dynamic_layernorm': dict(),
@@ -285,14 +296,7 @@ HC_VARIANTS = {
 @pytest.mark.parametrize('n', [1, 3, 4])
 def test_hc_matches_reference(variant, n):
   config = make_config('hc', n=n, **HC_VARIANTS[variant])
-  d = 8
-  _, connection = build(config, d, sublayer_index=5)
-  randomize(connection, seed=n)
-  branch, branch_np = make_branch(d)
-  x = random_streams((B, L, n, d))
-  got = connection(x, branch)
-  want = ref_hc(np.asarray(x, np.float64), connection, config, branch_np)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert_matches_reference(config, ref_hc, random_streams((B, L, n, 8)), seed=n, sublayer_index=5)
 
 
 @pytest.mark.parametrize('variant', sorted(HC_VARIANTS))
@@ -300,14 +304,10 @@ def test_hc_matches_reference(variant, n):
 def test_frac_matches_reference(variant, m):
   config = make_config('frac', m=m, **HC_VARIANTS[variant])
   d = 16
-  streams, connection = build(config, d)
-  randomize(connection, seed=m)
-  branch, branch_np = make_branch(d)
+  streams, _ = build(config, d)
   x = streams.expand(random_streams((B, L, d)))
   assert x.shape == (B, L, m, d // m)
-  got = connection(x, branch)
-  want = ref_frac(np.asarray(x, np.float64), connection, config, branch_np)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert_matches_reference(config, ref_frac, x, seed=m, dim=d)
 
 
 MHC_VARIANTS = {
@@ -323,14 +323,7 @@ MHC_VARIANTS = {
 @pytest.mark.parametrize('n', [2, 4])
 def test_mhc_matches_reference(variant, n):
   config = make_config('mhc', n=n, **MHC_VARIANTS[variant])
-  d = 8
-  _, connection = build(config, d)
-  randomize(connection, seed=n)
-  branch, branch_np = make_branch(d)
-  x = random_streams((B, L, n, d))
-  got = connection(x, branch)
-  want = ref_mhc(np.asarray(x, np.float64), connection, config, branch_np)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert_matches_reference(config, ref_mhc, random_streams((B, L, n, 8)), seed=n)
 
 
 def test_mhc_head_reduce_matches_reference():

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx, traverse_util
+from flax import nnx
 
+import helpers
 from configs import base
 from hyperconn_jax import models, params
 from hyperconn_jax.models import decoder, sizes
@@ -32,16 +33,6 @@ def tokens(seed=0):
   return jax.random.randint(jax.random.key(seed), (B, L), 0, V)
 
 
-def flat_params(model):
-  return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
-
-
-def set_flat_params(model, flat):
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
-  nnx.update(model, state)
-
-
 def is_connection_path(path):
   return any(k in decoder.CONNECTION_ATTRS for k in path)
 
@@ -49,10 +40,10 @@ def is_connection_path(path):
 def copy_sublayer_weights(src, dst):
   """Copies embedding / attention / MLP / norm weights of src into dst; returns the copied paths.
   Every parameter of dst outside its connection modules must have a counterpart in src."""
-  src_flat, dst_flat = flat_params(src), flat_params(dst)
+  src_flat, dst_flat = helpers.flat(src), helpers.flat(dst)
   shared = [k for k in dst_flat if not is_connection_path(k)]
   assert shared and all(k in src_flat for k in shared)
-  set_flat_params(dst, {**dst_flat, **{k: src_flat[k] for k in shared}})
+  helpers.set_flat(dst, {**dst_flat, **{k: src_flat[k] for k in shared}})
   return shared
 
 
@@ -148,11 +139,11 @@ def test_scan_equals_python_loop():
   assert not loop.scan_layers and scanned.scan_layers
   # The deterministic HC init (A_m's home stream (k + index_base) mod n) is the same whether the
   # layer index is traced (nnx.vmap) or a Python int.
-  fresh = flat_params(models.build_model(cfg, nnx.Rngs(0)))
+  fresh = helpers.flat(models.build_model(cfg, nnx.Rngs(0)))
   for l in range(cfg.num_layers):
     for module in ('attn_connection', 'mlp_connection'):
       np.testing.assert_array_equal(fresh[('blocks', module, 'static_alpha')][l],
-                                    flat_params(loop)[('blocks', l, module, 'static_alpha')])
+                                    helpers.flat(loop)[('blocks', l, module, 'static_alpha')])
   decoder.copy_weights(scanned, loop)
   tok = tokens()
   logits_s, hidden_s = scanned(tok, return_hidden=True)
@@ -171,8 +162,8 @@ def test_scan_equals_python_loop():
   # And back: loop -> scanned reproduces the original parameters exactly.
   back = models.build_model(cfg, nnx.Rngs(7))
   decoder.copy_weights(loop, back)
-  for k, v in flat_params(scanned).items():
-    np.testing.assert_array_equal(flat_params(back)[k], v)
+  for k, v in helpers.flat(scanned).items():
+    np.testing.assert_array_equal(helpers.flat(back)[k], v)
 
 
 def _loss_and_grads(model, tok):
@@ -181,7 +172,7 @@ def _loss_and_grads(model, tok):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]),
                                          tok[:, 1:, None], axis=-1))
   loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
-  return loss, traverse_util.flatten_dict(nnx.to_pure_dict(grads))
+  return loss, helpers.flat(grads)
 
 
 def _has_remat(model, tok):
@@ -322,7 +313,7 @@ def test_bfloat16_compute(kind, opts):
   model16 = models.build_model(cfg16, nnx.Rngs(0))
   perturb(model32)
   decoder.copy_weights(model32, model16)
-  assert all(v.dtype == jnp.float32 for v in flat_params(model16).values())
+  assert all(v.dtype == jnp.float32 for v in helpers.flat(model16).values())
   tok = tokens()
   logits16 = model16(tok)
   assert logits16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits16)))
@@ -336,7 +327,7 @@ def test_out_proj_init_scaled_by_sqrt_n(mode, factor):
   # HC section 4: the attention out-projection and the MLP down-projection (only) get sqrt(n).
   cfg = tiny_config('hc', n=4, out_proj_sqrt_n=mode)
   cfg.update(dict(d_model=64, mlp_dim=256, num_heads=4))
-  flat = flat_params(models.build_model(cfg, nnx.Rngs(0)))
+  flat = helpers.flat(models.build_model(cfg, nnx.Rngs(0)))
   for name in (('attn', 'o'), ('mlp', 'down')):
     std = float(jnp.std(flat[('blocks',) + name]))
     assert abs(std / (cfg.init_std * factor) - 1) < 0.05, (name, std)

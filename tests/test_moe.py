@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx, traverse_util
+from flax import nnx
+
+import helpers
 from jax.sharding import PartitionSpec as P
 
 from configs import base
@@ -29,17 +31,6 @@ def moe_config(kind='residual_prenorm', capacity_factor=0.0, **connection):
   c.connection.kind = kind
   c.connection.update(connection)
   return c
-
-
-def flat(model_or_state):
-  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
-  return traverse_util.flatten_dict(nnx.to_pure_dict(state))
-
-
-def set_flat(model, flat_params):
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat_params))
-  nnx.update(model, state)
 
 
 def reference(layer, y_TxD, capacity_factor=0.0):
@@ -141,7 +132,7 @@ def test_training_objective_adds_weighted_aux_losses():
   np.testing.assert_allclose(float(metrics['moe_load_balance_loss']),
                              float(aux['load_balance_loss']), rtol=1e-6)
   # The aux losses reach the router: their gradient alone is non-zero.
-  assert float(jnp.abs(flat(grads)[('blocks', 'mlp', 'router')]).max()) > 0
+  assert float(jnp.abs(helpers.flat(grads)[('blocks', 'mlp', 'router')]).max()) > 0
 
 
 @pytest.mark.parametrize('capacity_factor', [0.0, 1.0])
@@ -156,10 +147,10 @@ def test_init_equals_prenorm(capacity_factor):
   ref_cfg.norm_eps = hc_cfg.norm_eps = 1e-12
   prenorm = models.build_model(ref_cfg, nnx.Rngs(0))
   hc = models.build_model(hc_cfg, nnx.Rngs(1))
-  src, dst = flat(prenorm), flat(hc)
+  src, dst = helpers.flat(prenorm), helpers.flat(hc)
   shared = [k for k in dst if not any(a in decoder.CONNECTION_ATTRS for a in k)]
   assert ('blocks', 'mlp', 'gate') in shared
-  set_flat(hc, {**dst, **{k: src[k] for k in shared}})
+  helpers.set_flat(hc, {**dst, **{k: src[k] for k in shared}})
   forward = nnx.jit(lambda m, t: m(t, return_aux=True))
   expected, aux_expected = forward(prenorm, tok)
   logits, aux = forward(hc, tok)
@@ -179,7 +170,7 @@ def test_sharded_equals_unsharded(capacity_factor):
   mesh, rules = sharding.make_mesh(mesh_cfg), sharding.logical_rules(mesh_cfg)
   with sharding.activate(mesh, rules):  # As train_lib creates it.
     model = sharding.create_model(cfg, mesh, rules, seed=0)
-  params = flat(model)
+  params = helpers.flat(model)
   assert params[('blocks', 'mlp', 'gate')].sharding.spec == P(None, 'data', 'fsdp', 'tensor')
   tok = jax.random.randint(jax.random.key(0), (4, L), 0, V)
 
@@ -196,14 +187,14 @@ def test_sharded_equals_unsharded(capacity_factor):
     tok_sharded = jax.device_put(tok, sharding.batch_sharding(mesh, rules))
     (value, aux), grads = nnx.jit(run)(model, tok_sharded)
   single = models.build_model(cfg, nnx.Rngs(0))
-  set_flat(single, {k: jax.device_get(v) for k, v in params.items()})
+  helpers.set_flat(single, {k: jax.device_get(v) for k, v in params.items()})
   (value_1, aux_1), grads_1 = nnx.jit(run)(single, tok)
   np.testing.assert_allclose(float(value), float(value_1), rtol=1e-5)
   for key in aux_1:
     np.testing.assert_allclose(aux[key], aux_1[key], atol=1e-5, err_msg=key)
   if not capacity_factor:
     return
-  g, g1 = flat(grads), flat(grads_1)
+  g, g1 = helpers.flat(grads), helpers.flat(grads_1)
   for k, v in g1.items():
     np.testing.assert_allclose(np.asarray(g[k]), np.asarray(v), atol=1e-5, rtol=1e-4,
                                err_msg=str(k))
@@ -213,11 +204,7 @@ def test_sharded_equals_unsharded(capacity_factor):
                                           ('capacity_factor', -1.0), ('renormalize', 1),
                                           ('load_balance_weight', -0.1)])
 def test_validate_names_the_field(field, value):
-  cfg = moe_config()
-  with cfg.moe.ignore_type():
-    cfg.moe[field] = value
-  with pytest.raises(ValueError, match=f'model.moe.{field}'):
-    models.validate(cfg)
+  helpers.assert_validate_names_field(moe_config(), 'moe', field, value)
 
 
 def test_configs_validate():

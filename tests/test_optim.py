@@ -122,36 +122,44 @@ def test_grad_accumulation_equals_big_batch():
   assert any(float(jnp.abs(g).max()) > 1e-4 for g in jax.tree.leaves(grads1))
 
 
-def test_frozen_hc_unchanged_and_params_move():
-  config = base.get_config()
-  config.model = model_config(train_width=False)
-  config.optim.update(warmup_steps=0, lr=1e-2)
-  config.train.batch_size = 8
+def train_steps(config, batch, num_steps):
+  """Runs num_steps jitted, sharded updates of a fresh train state on `batch` (host arrays).
+
+  Returns, on the host: (params, rest) before, (params, rest) after, the last step's metrics.
+  """
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   with sharding.activate(mesh, rules):
     setup = train_lib.make_setup(config, mesh, rules)
     state = train_lib.init_state(config, setup)
-    frozen_before = jax.device_get(state.rest)
-    params_before = jax.device_get(state.params)
-    assert any(isinstance(v, params.HCFrozen) for _, v in typed_leaves(
-        nnx.state(models.build_model(config.model, nnx.Rngs(0)))))
-    assert jax.tree.leaves(frozen_before), 'train_width=False should create HCFrozen variables'
-    rng = np.random.default_rng(0)
-    batch = {'inputs': rng.integers(0, 64, (8, 16)).astype(np.int32),
-             'targets': rng.integers(0, 64, (8, 16)).astype(np.int32),
-             'weights': np.ones((8, 16), np.float32)}
+    before = jax.device_get((state.params, state.rest))
     step = train_lib.make_train_step(config, setup)
-    # Two updates: the scales of the zero-initialised dynamic weights get gradients from the 2nd on.
-    for _ in range(2):
+    for _ in range(num_steps):
       state, metrics = step(state, {k: jax.device_put(v, setup.batch_sharding)
                                     for k, v in batch.items()})
-    assert math.isfinite(float(metrics['loss']))
-  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.device_get(state.rest))):
+    return before, jax.device_get((state.params, state.rest)), jax.device_get(metrics)
+
+
+def test_frozen_hc_unchanged_and_params_move():
+  config = base.get_config()
+  config.model = model_config(train_width=False)
+  config.optim.update(warmup_steps=0, lr=1e-2)
+  config.train.batch_size = 8
+  assert any(isinstance(v, params.HCFrozen) for _, v in typed_leaves(
+      nnx.state(models.build_model(config.model, nnx.Rngs(0)))))
+  rng = np.random.default_rng(0)
+  batch = {'inputs': rng.integers(0, 64, (8, 16)).astype(np.int32),
+           'targets': rng.integers(0, 64, (8, 16)).astype(np.int32),
+           'weights': np.ones((8, 16), np.float32)}
+  # Two updates: the scales of the zero-initialised dynamic weights get gradients from the 2nd on.
+  (params_before, frozen_before), (params_after, frozen_after), metrics = train_steps(
+      config, batch, 2)
+  assert jax.tree.leaves(frozen_before), 'train_width=False should create HCFrozen variables'
+  assert math.isfinite(float(metrics['loss']))
+  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after)):
     np.testing.assert_array_equal(a, b)
   moved = {jax.tree_util.keystr(path): not np.array_equal(a, b) for (path, a), b in
-           zip(jax.tree_util.tree_leaves_with_path(params_before),
-               jax.tree.leaves(jax.device_get(state.params)))}
+           zip(jax.tree_util.tree_leaves_with_path(params_before), jax.tree.leaves(params_after))}
   assert all(moved.values()), [k for k, m in moved.items() if not m]
 
 
@@ -167,14 +175,8 @@ def test_sharded_train_step_with_accumulation_equals_big_batch():
     config.model = model_config()
     config.optim.update(warmup_steps=0, grad_accum_steps=accum, z_loss=1e-4)
     config.train.batch_size = 16
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config.mesh)
-    with sharding.activate(mesh, rules):
-      setup = train_lib.make_setup(config, mesh, rules)
-      state = train_lib.init_state(config, setup)
-      state, metrics = train_lib.make_train_step(config, setup)(
-          state, {k: jax.device_put(v, setup.batch_sharding) for k, v in batch.items()})
-    results.append(jax.device_get((state.params, metrics)))
+    _, (params_after, _), metrics = train_steps(config, batch, 1)
+    results.append((params_after, metrics))
   (params1, metrics1), (params2, metrics2) = results
   for key in ('loss', 'z_loss', 'grad_norm', 'tokens'):
     np.testing.assert_allclose(metrics2[key], metrics1[key], rtol=1e-6)

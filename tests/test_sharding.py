@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
+
+import helpers
 from jax.sharding import PartitionSpec as P
 
 from configs import base
@@ -23,10 +25,6 @@ def hc_config():
   c.update(dict(vocab_size=64, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64))
   c.connection.update(dict(kind='hc', n=4, dynamic=True))
   return c
-
-
-def flat(state):
-  return traverse_util.flatten_dict(nnx.to_pure_dict(state))
 
 
 @pytest.fixture(scope='module')
@@ -88,7 +86,7 @@ def test_batch_sharding():
 
 def test_parameters_sharded_per_rules(sharded):
   cfg, mesh, rules, model = sharded
-  params = flat(nnx.state(model))
+  params = helpers.flat(nnx.state(model))
   specs = {k: v.sharding.spec for k, v in params.items()}
   assert specs[('blocks', 'mlp', 'gate')] == P(None, 'fsdp', 'tensor')
   assert specs[('blocks', 'mlp', 'down')] == P(None, 'tensor', 'fsdp')
@@ -103,7 +101,7 @@ def test_parameters_sharded_per_rules(sharded):
   assert gate.addressable_shards[0].data.shape == (cfg.num_layers, 16, 32)
   # The abstract model (restore target) carries the same shardings, without allocating.
   _, abstract = sharding.abstract_model(cfg, mesh, rules)
-  for k, v in flat(abstract).items():
+  for k, v in helpers.flat(abstract).items():
     assert isinstance(v, jax.ShapeDtypeStruct) and v.sharding == params[k].sharding, k
 
 
@@ -116,7 +114,7 @@ def test_sharded_forward_equals_single_device(sharded):
   assert logits.sharding.spec == P(('data', 'fsdp'), None, 'tensor')
   # create_model gives build_model's parameters (same seed) ...
   single = models.build_model(cfg, nnx.Rngs(0))
-  sharded_params, single_params = flat(nnx.state(model)), flat(nnx.state(single))
+  sharded_params, single_params = helpers.flat(nnx.state(model)), helpers.flat(nnx.state(single))
   for k, v in single_params.items():
     np.testing.assert_allclose(np.asarray(sharded_params[k]), np.asarray(v), atol=1e-6,
                                err_msg=str(k))
@@ -135,7 +133,7 @@ def test_indivisible_vocab_is_replicated():
   mesh = sharding.make_mesh(mcfg)
   rules = sharding.logical_rules(mcfg)
   _, abstract = sharding.abstract_model(cfg, mesh, rules)
-  assert flat(abstract)[('embed', 'embedding')].sharding.spec == P(None, 'fsdp')
+  assert helpers.flat(abstract)[('embed', 'embedding')].sharding.spec == P(None, 'fsdp')
 
 
 def _loss(m, tok):
@@ -150,14 +148,14 @@ def test_sharded_gradients_equal_single_device(sharded):
   with sharding.activate(mesh, rules):
     tok_sharded = jax.device_put(tok, sharding.batch_sharding(mesh, rules))
     loss, grads = nnx.jit(nnx.value_and_grad(_loss))(model, tok_sharded)
-  grads = flat(grads)
+  grads = helpers.flat(grads)
   single = models.build_model(cfg, nnx.Rngs(0))
   state = nnx.state(single)
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(
-      {k: jax.device_get(v) for k, v in flat(nnx.state(model)).items()}))
+      {k: jax.device_get(v) for k, v in helpers.flat(nnx.state(model)).items()}))
   nnx.update(single, state)
   loss_1, grads_1 = nnx.value_and_grad(_loss)(single, tok)
   np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
-  for k, g in flat(grads_1).items():
+  for k, g in helpers.flat(grads_1).items():
     np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(g), rtol=1e-4, atol=1e-6,
                                err_msg=str(k))

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx, traverse_util
+from flax import nnx
 
+import helpers
 from configs import base
 from configs import vit as vit_configs
 from hyperconn_jax import data, models, sharding, train_lib
@@ -32,21 +33,11 @@ def vit_config(kind='residual_prenorm', pool='gap', **connection):
   return c
 
 
-def flat(model):
-  return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
-
-
-def set_flat(model, flat_params):
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat_params))
-  nnx.update(model, state)
-
-
 def random_head(model, seed=0):
   """The head starts at zero; give it random weights so that logits depend on the features."""
-  params = flat(model)
+  params = helpers.flat(model)
   params[('head',)] = jax.random.normal(jax.random.key(seed), params[('head',)].shape)
-  set_flat(model, params)
+  helpers.set_flat(model, params)
 
 
 def images_BxHxWxC(seed=1):
@@ -92,18 +83,18 @@ def test_init_equals_prenorm(pool, dynamic):
   ref = models.build_model(ref_cfg, nnx.Rngs(0))
   random_head(ref)
   model = models.build_model(cfg, nnx.Rngs(1))
-  src, dst = flat(ref), flat(model)
+  src, dst = helpers.flat(ref), helpers.flat(model)
   shared = [k for k in dst if not any(a in decoder.CONNECTION_ATTRS for a in k)]
   assert ('positions',) in shared and ('blocks', 'mlp', 'up') in shared
   fresh = dict(dst)
-  set_flat(model, {**dst, **{k: src[k] for k in shared}})
+  helpers.set_flat(model, {**dst, **{k: src[k] for k in shared}})
   x = images_BxHxWxC()
   forward = nnx.jit(lambda m, x: m(x))
   expected = forward(ref, x)
   rel = float(jnp.max(jnp.abs(forward(model, x) - expected)) / jnp.max(jnp.abs(expected)))
   assert rel < 1e-5
   # Not vacuous: other sub-layer weights give other logits.
-  set_flat(model, {**fresh, ('head',): src[('head',)]})
+  helpers.set_flat(model, {**fresh, ('head',): src[('head',)]})
   assert float(jnp.max(jnp.abs(forward(model, x) - expected)) / jnp.max(jnp.abs(expected))) > 1e-2
 
 
@@ -113,9 +104,9 @@ def test_sharded_equals_unsharded():
   mesh_cfg.shape = (2, 2, 2)
   mesh, rules = sharding.make_mesh(mesh_cfg), sharding.logical_rules(mesh_cfg)
   model = sharding.create_model(cfg, mesh, rules, seed=0)
-  params = flat(model)
+  params = helpers.flat(model)
   params[('head',)] = jax.random.normal(jax.random.key(0), params[('head',)].shape)
-  set_flat(model, params)
+  helpers.set_flat(model, params)
   x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1))
   config = base.get_config()
   config.model = cfg
@@ -124,7 +115,7 @@ def test_sharded_equals_unsharded():
     logits = nnx.jit(lambda m, x: m(x))(model, jax.device_put(
         x, tasks.batch_sharding(config, mesh, rules)))
   single = models.build_model(cfg, nnx.Rngs(0))
-  set_flat(single, {k: jax.device_get(v) for k, v in flat(model).items()})
+  helpers.set_flat(single, {k: jax.device_get(v) for k, v in helpers.flat(model).items()})
   expected = nnx.jit(lambda m, x: m(x))(single, x)
   assert float(jnp.max(jnp.abs(logits - expected)) / jnp.max(jnp.abs(expected))) < 1e-5
 
@@ -132,11 +123,7 @@ def test_sharded_equals_unsharded():
 @pytest.mark.parametrize('field, value', [('image_size', 0), ('patch_size', 3), ('pool', 'cls'),
                                           ('dropout', 1.0), ('num_classes', -1)])
 def test_validate_names_the_field(field, value):
-  cfg = vit_config()
-  with cfg.vit.ignore_type():
-    cfg.vit[field] = value
-  with pytest.raises(ValueError, match=f'model.vit.{field}'):
-    models.validate(cfg)
+  helpers.assert_validate_names_field(vit_config(), 'vit', field, value)
 
 
 def test_configs_and_param_counts():
