@@ -342,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       progress = metrics_lib.Progress(enabled=is_chief, start_step=start,
                                       num_steps=config.train.num_steps)
       result = _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt,
-                     writer, progress, stop)
+                     writer, progress, stop, facts)
     finally:
       if progress is not None:
         progress.close()
@@ -354,14 +354,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt, writer,
-          progress, stop) -> dict[str, Any]:
-  """The update loop of train_and_evaluate (see the module docstring for the order)."""
+          progress, stop, meta) -> dict[str, Any]:
+  """The update loop of train_and_evaluate (see the module docstring for the order); `meta`, the
+  run facts, goes into every checkpoint."""
   num_steps = config.train.num_steps
   train_cfg = config.train
   multi_process = jax.process_count() > 1
   pending = None  # (step, device metrics) of the last dispatched update, not yet fetched.
   last_train, last_eval = {}, {}
-  meta = metrics_lib.run_facts(setup.mesh)
 
   def fetch(step, device_metrics):
     nonlocal last_train
