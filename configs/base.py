@@ -42,9 +42,8 @@ def connection_config() -> ml_collections.ConfigDict:
       # HC section 4 rescales the init std of the output projections by sqrt(n); the paper does not
       # say in which direction: 'none' | 'divide' | 'multiply'.
       out_proj_sqrt_n='none',
-      # mHC: Sinkhorn-Knopp iterations (paper t_max = 20) and epsilon.
+      # mHC: Sinkhorn-Knopp iterations (paper t_max = 20).
       sinkhorn_iters=20,
-      sinkhorn_eps=1e-6,
       # mHC: H_post = post_mult * sigmoid(.) (paper 2).
       post_mult=2.0,
       # mHC: scalar gates alpha^pre, alpha^post, alpha^res init (paper 0.01).

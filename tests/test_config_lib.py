@@ -68,7 +68,6 @@ BAD_VALUES = [
     ('model.connection.dynamic_norm', 'batchnorm', _HC),
     ('model.connection.out_proj_sqrt_n', 'half', _HC),
     ('model.connection.sinkhorn_iters', 0, _MHC),
-    ('model.connection.sinkhorn_eps', 0.0, _MHC),
     ('model.connection.post_mult', 0.0, _MHC),
     ('model.connection.res_init', 'random', _MHC),
     ('model.connection.pre_init', 'random', _MHC),

@@ -145,11 +145,9 @@ def ref_frac(x, module, config, branch):
   return out
 
 
-def ref_sinkhorn(logits, iters, eps):
-  """mHC Eq. 9: M0 = exp(logits) (+ eps times its largest entry, our guard against underflow);
-  M <- T_r(T_c(M)) iters times."""
-  m = np.exp(logits)
-  m = m + eps * m.max()
+def ref_sinkhorn(logits, iters):
+  """mHC Eq. 9 in float64: M0 = exp(logits); M <- T_r(T_c(M)) iters times."""
+  m = np.exp(np.asarray(logits, np.float64))
   for _ in range(iters):
     m = m / m.sum(axis=0, keepdims=True)
     m = m / m.sum(axis=1, keepdims=True)
@@ -184,8 +182,7 @@ def ref_mhc_coefficients(x, module, config):
         elif name == 'post':
           post[b, t] = config.post_mult * ref_sigmoid(part)
         else:
-          res[b, t] = ref_sinkhorn(part.reshape(n, n), config.sinkhorn_iters,
-                                   config.sinkhorn_eps)
+          res[b, t] = ref_sinkhorn(part.reshape(n, n), config.sinkhorn_iters)
   return pre, post, res
 
 
@@ -379,7 +376,7 @@ def test_frac_residual_matrix_permutes_fractions():
 
 def test_mhc_residual_matrix_orientation():
   # H_res logits 0 on P^T (entry [j, i] for x_i -> stream j) and -40 elsewhere: H_res ~ P^T (up to
-  # sinkhorn_eps), so out_j = sum_i H_res[j, i] x_i moves stream i to perm[i]; H_post ~ 0 removes
+  # e^-40), so out_j = sum_i H_res[j, i] x_i moves stream i to perm[i]; H_post ~ 0 removes
   # the branch. The transposed orientation would be off by O(1).
   config = make_config('mhc', n=4, mappings=('post', 'res'))
   _, connection = build(config, 8)
@@ -392,31 +389,73 @@ def test_mhc_residual_matrix_orientation():
 
 # ----------------------------------------------------------------------------------- Sinkhorn
 
-def test_sinkhorn_doubly_stochastic_moderate_logits():
-  logits = random_streams((64, 4, 4), seed=1)
-  for iters, col_tol in ((20, 5e-3), (200, 1e-4)):
-    m = np.asarray(sinkhorn_lib.sinkhorn(logits, iters, 1e-6))
-    assert m.dtype == np.float32 and (m >= 0).all()
-    np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)  # The last step normalises rows.
-    np.testing.assert_allclose(m.sum(-2), 1.0, atol=col_tol)
-  # Columns first, rows last (mHC Eq. 9): compare with the plain float64 iteration.
-  want = np.stack([ref_sinkhorn(l, 20, 1e-6) for l in np.asarray(logits, np.float64)])
-  np.testing.assert_allclose(sinkhorn_lib.sinkhorn(logits, 20, 1e-6), want, atol=1e-6)
+def ref_sinkhorn_batch(logits, iters=20):
+  return np.stack([ref_sinkhorn(l, iters) for l in np.asarray(logits, np.float64)])
 
 
-def test_sinkhorn_large_logits_stay_finite():
-  logits = random_streams((256, 4, 4), seed=2) * 30.0
-  m = np.asarray(sinkhorn_lib.sinkhorn(logits, 20, 1e-6))
+@pytest.mark.parametrize('n', [2, 4, 8])
+@pytest.mark.parametrize('std', [1.0, 2.0, 4.0, 8.0])
+def test_sinkhorn_matches_eq9(std, n):
+  logits = random_streams((64, n, n), seed=n) * std
+  m = np.asarray(sinkhorn_lib.sinkhorn(logits, 20))
+  want = ref_sinkhorn_batch(logits)
+  assert m.dtype == np.float32
+  np.testing.assert_allclose(m, want, rtol=0, atol=2e-6)
+  # The last step normalises rows; columns are as balanced as 20 iterations make them.
+  np.testing.assert_allclose(m.sum(-1), 1.0, atol=2e-6)
+  np.testing.assert_allclose(m.sum(-2), want.sum(-2), atol=1e-5)
+
+
+@pytest.mark.parametrize('axis', [-1, -2])
+@pytest.mark.parametrize('shift', [30.0, -30.0])
+def test_sinkhorn_with_one_row_or_column_shifted(axis, shift):
+  logits = np.asarray(random_streams((64, 4, 4), seed=3)) * 2.0
+  shifted = logits.copy()
+  # axis=-1: the last column of every matrix (T_c removes it: Eq. 9 does not change at all);
+  # axis=-2: the last row (Eq. 9 changes only by 20 iterations' imbalance; compare with it).
+  if axis == -1:
+    shifted[..., :, -1] += shift
+  else:
+    shifted[..., -1, :] += shift
+  m = np.asarray(sinkhorn_lib.sinkhorn(jnp.asarray(shifted), 20))
+  np.testing.assert_allclose(m, ref_sinkhorn_batch(shifted), rtol=0, atol=2e-6)
+  if axis == -1:
+    np.testing.assert_allclose(m, sinkhorn_lib.sinkhorn(jnp.asarray(logits), 20), atol=1e-6)
+
+
+def test_sinkhorn_gradient_matches_finite_differences_of_eq9():
+  logits = np.asarray(random_streams((4, 4, 4), seed=4), np.float64) * 3.0
+  weights = np.asarray(random_streams((4, 4, 4), seed=5), np.float64)
+  got = jax.grad(lambda l: jnp.sum(sinkhorn_lib.sinkhorn(l, 20) * weights))(
+      jnp.asarray(logits, jnp.float32))
+  want = np.zeros_like(logits)
+  h = 1e-6
+  for index in np.ndindex(*logits.shape):
+    step = np.zeros_like(logits)
+    step[index] = h
+    want[index] = np.sum((ref_sinkhorn_batch(logits + step) - ref_sinkhorn_batch(logits - step))
+                         * weights) / (2 * h)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_sinkhorn_extreme_logits():
+  # Spreads of hundreds of nats, far past float32's exp range: every row and column still has mass,
+  # nothing is NaN, and Eq. 9 in float64 agrees.
+  logits = random_streams((64, 4, 4), seed=2) * 30.0
+  m = np.asarray(sinkhorn_lib.sinkhorn(logits, 20))
   assert np.isfinite(m).all() and (m >= 0).all()
-  # exp underflows for entries ~100 below a matrix's max; eps keeps every row and column non-zero.
-  # Rows sum to 1 (the last step); 20 iterations cannot fully balance matrices this peaked, so the
-  # columns are only close to 1.
-  np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)
-  np.testing.assert_allclose(m.sum(-2), 1.0, atol=0.15)
-  # A shift by a constant changes nothing (the max is subtracted before exp: no overflow); the
-  # tolerance is float32's rounding of logits near 1000.
-  np.testing.assert_allclose(sinkhorn_lib.sinkhorn(logits[:8] / 30.0 + 1000.0, 20, 1e-6),
-                             sinkhorn_lib.sinkhorn(logits[:8] / 30.0, 20, 1e-6), atol=1e-4)
+  np.testing.assert_allclose(m.sum(-1), 1.0, atol=2e-6)
+  np.testing.assert_allclose(m, ref_sinkhorn_batch(logits), rtol=0, atol=1e-5)
+  # A shift of all logits by 1000 changes nothing (exp(1000) overflows float32 and float64 alike);
+  # the tolerance is float32's rounding of logits near 1000.
+  np.testing.assert_allclose(sinkhorn_lib.sinkhorn(logits / 30.0 + 1000.0, 20),
+                             sinkhorn_lib.sinkhorn(logits / 30.0, 20), atol=1e-4)
+  # A row 200 nats below the rest: in float32, exp of it underflows against the other rows. The
+  # tolerance is float32's rounding of logits near -200.
+  low = np.asarray(logits) / 30.0
+  low[:, 0, :] -= 200.0
+  m = np.asarray(sinkhorn_lib.sinkhorn(jnp.asarray(low), 20))
+  np.testing.assert_allclose(m, ref_sinkhorn_batch(low), rtol=0, atol=1e-5)
 
 
 def test_mhc_coefficient_ranges_on_random_inputs():
@@ -747,7 +786,7 @@ BAD_OPTIONS = [
     ('frac', 'm', 0), ('frac', 'm', 3), ('frac', 'm', 1.5),
     ('hc', 'dynamic_norm', 'batchnorm'), ('frac', 'dynamic_norm', 'groupnorm'),
     ('hc', 'index_base', -1), ('hc', 'index_base', 0.5),
-    ('mhc', 'sinkhorn_iters', 0), ('mhc', 'sinkhorn_eps', 0.0), ('mhc', 'sinkhorn_eps', -1e-6),
+    ('mhc', 'sinkhorn_iters', 0),
     ('mhc', 'post_mult', 1.0), ('mhc', 'post_mult', 0.5),
     ('mhc', 'res_init', 'eye'), ('mhc', 'reduce', 'mean'),
     ('mhc', 'mappings', ('pre', 'resid')), ('mhc', 'mappings', 'pre'),

@@ -43,7 +43,6 @@ def validate(config, d_model: int) -> None:
   del d_model  # Any width works.
   checks.integer(config, 'n', 1)
   checks.integer(config, 'sinkhorn_iters', 1)
-  checks.greater(config, 'sinkhorn_eps', 0)
   checks.greater(config, 'post_mult', 1)
   checks.one_of(config, 'res_init', RES_INITS)
   checks.one_of(config, 'pre_init', PRE_INITS)
@@ -160,7 +159,7 @@ class Connection(nnx.Module):
     del norm_kind, rngs
     n = self.num_streams = config.n
     self.eps = norm_eps
-    self.sinkhorn_iters, self.sinkhorn_eps = config.sinkhorn_iters, config.sinkhorn_eps
+    self.sinkhorn_iters = config.sinkhorn_iters
     self.post_mult = config.post_mult
     self.mappings = tuple(name for name in MAPPINGS if name in config.mappings)
     if self.mappings:
@@ -199,8 +198,7 @@ class Connection(nnx.Module):
         elif name == 'post':
           coef['post'] = self.post_mult * jax.nn.sigmoid(logits)
         else:
-          coef['res'] = sinkhorn(logits.reshape(*batch, n, n), self.sinkhorn_iters,
-                                 self.sinkhorn_eps)
+          coef['res'] = sinkhorn(logits.reshape(*batch, n, n), self.sinkhorn_iters)
     return coef['pre'], coef['post'], coef['res']
 
   def __call__(self, x_BxLxNxD: jax.Array, branch) -> jax.Array:

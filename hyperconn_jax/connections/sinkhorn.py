@@ -4,43 +4,62 @@ import jax
 import jax.numpy as jnp
 
 
-def sinkhorn(logits_xNxN: jax.Array, iters: int, eps: float) -> jax.Array:
-  """Returns M^(iters), with M^(0) = exp(logits) + eps and M^(t) = T_r(T_c(M^(t-1))).
+def sinkhorn(logits_xNxN: jax.Array, iters: int) -> jax.Array:
+  """Returns M^(iters), with M^(0) = exp(logits) and M^(t) = T_r(T_c(M^(t-1))), exactly.
 
   T_c divides every column by its sum, T_r every row by its sum; the last step normalises rows, so
-  rows sum to exactly 1 and columns approach 1 as iters grows. Each matrix's max logit is subtracted
-  before exp (normalisation removes any common factor, and exp stays finite). Adding eps to every
-  entry, as DeepSeek's TileKernels does after its first step, keeps each row and column sum > 0 even
-  where exp underflows for very spread logits: no NaN, and no row of the result is ever all zero.
+  rows sum to 1 and columns approach 1 as iters grows. Like Eq. 9, the result does not change when
+  a constant is added to any column of the logits (the first T_c removes it), however spread the
+  logits are.
+
+  The first (T_c, T_r) pair runs in the log domain (subtract a max-shifted log-sum-exp over the row
+  index, then over the column index): exp(logits) itself is never formed, so no entry underflows
+  against another row's or column's scale. After that pair every column and row sum lies in
+  [1/N, N] and stays there (each step divides by sums of a matrix whose rows or columns sum to 1),
+  so the remaining steps divide in the linear domain, as exact in float32 and several times
+  cheaper than a log-sum-exp per step. Only entries below float32's range (1e-38) are lost there;
+  each step scales an entry by at most N, so they stay below 1e-38 * N^(2 iters) (1e-15 at N = 4,
+  iters = 20).
 
   Args:
     logits_xNxN: [..., N, N] logits, any float dtype.
     iters: number of (column, row) normalisation pairs, >= 1.
-    eps: added to every entry of exp(logits - max), > 0.
   Returns:
-    [..., N, N] float32, positive, rows summing to 1.
+    [..., N, N] float32, non-negative, rows summing to 1.
   """
   # The 2 * iters normalisations are many tiny ops. They run in a loop (one compiled body, not
   # 2 * iters unrolled copies: much less compile time, and the loop-carried buffers are reused),
-  # on [N, N, ...] (the batch axes minor, so every op is a long contiguous vector loop), and sum
-  # over the short axes by explicit adds of slices (elementwise, fused with the division; a
+  # on [N, N, ...] (the batch axes minor, so every op is a long contiguous vector loop), and reduce
+  # over the short axes by explicit elementwise ops on slices (fused with their consumers; a
   # reduction would be a kernel of its own). About 6x faster forward + backward on CPU than an
   # unrolled loop of reductions over the trailing [.., N, N] axes, with the same arithmetic.
   nd = logits_xNxN.ndim
   logits_NxNx = jnp.moveaxis(logits_xNxN.astype(jnp.float32), (nd - 2, nd - 1), (0, 1))
-  shift = jax.lax.stop_gradient(jnp.max(logits_NxNx, axis=(0, 1), keepdims=True))
+  log_m = logits_NxNx - _logsumexp_keepdims(logits_NxNx, axis=0)  # Columns: over the row index.
+  m = jnp.exp(log_m - _logsumexp_keepdims(log_m, axis=1))  # Rows.
 
   def step(_, m):
-    m = m / _sum_keepdims(m, axis=0)  # Columns: sum over the row index.
-    return m / _sum_keepdims(m, axis=1)  # Rows.
+    m = m / _fold(jnp.add, _slices(m, axis=0))
+    return m / _fold(jnp.add, _slices(m, axis=1))
 
-  m = jax.lax.fori_loop(0, iters, step, jnp.exp(logits_NxNx - shift) + eps)
+  m = jax.lax.fori_loop(1, iters, step, m)
   return jnp.moveaxis(m, (0, 1), (nd - 2, nd - 1))
 
 
-def _sum_keepdims(m: jax.Array, axis: int) -> jax.Array:
-  """Sum over a short axis (keepdims) as explicit adds of its slices."""
-  total = jax.lax.slice_in_dim(m, 0, 1, axis=axis)
-  for i in range(1, m.shape[axis]):
-    total = total + jax.lax.slice_in_dim(m, i, i + 1, axis=axis)
+def _logsumexp_keepdims(a: jax.Array, axis: int) -> jax.Array:
+  """log(sum(exp(a))) over a short axis (keepdims), shifted by its max so exp stays in range."""
+  slices = _slices(a, axis)
+  # The shift cancels in value and gradient; stopping it spares the max's backward.
+  top = jax.lax.stop_gradient(_fold(jnp.maximum, slices))
+  return top + jnp.log(_fold(jnp.add, [jnp.exp(s - top) for s in slices]))
+
+
+def _slices(a: jax.Array, axis: int) -> list[jax.Array]:
+  return [jax.lax.slice_in_dim(a, i, i + 1, axis=axis) for i in range(a.shape[axis])]
+
+
+def _fold(op, xs: list[jax.Array]) -> jax.Array:
+  total = xs[0]
+  for x in xs[1:]:
+    total = op(total, x)
   return total
