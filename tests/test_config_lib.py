@@ -3,8 +3,8 @@
 import ml_collections
 import pytest
 
-from configs import base
-from hyperconn_jax import config_lib
+from configs import base, default
+from hyperconn_jax import config_lib, connections
 
 
 def test_parse_arg_types_and_errors():
@@ -195,5 +195,17 @@ def test_batch_must_divide_over_accumulation_and_mesh():
     config_lib.validate_mesh_for_devices(c, 8)
 
 
-def test_default_config_is_valid():
-  config_lib.validate(base.get_config())
+def test_default_configs_validate_and_are_the_documented_runs():
+  # configs/base.py validates with every connection kind's defaults; configs/default.py is the run
+  # README.md documents (DHC x4, d 128, 4 layers, byte-level, embedded corpus) and validates.
+  for kind in connections.KINDS:
+    config = base.get_config()
+    config.model.connection.kind = kind
+    config_lib.validate(config)
+  config = default.get_config()
+  config_lib.validate(config)
+  m = config.model
+  assert (m.connection.kind, m.connection.n, m.connection.dynamic, m.connection.tanh) == (
+      'hc', 4, True, True)
+  assert (m.d_model, m.num_layers, m.vocab_size) == (128, 4, 256)
+  assert (config.data.dataset, config.data.tokenizer) == ('stdlib', 'bytes')

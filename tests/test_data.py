@@ -192,11 +192,6 @@ def test_validate_rejects(overrides, match, corpus, data_dir):
     data.validate(config.data)
 
 
-def test_validate_accepts_defaults(config):
-  data.validate(base.get_config().data)
-  data.validate(config.data)
-
-
 # Builders and preparation.
 
 

@@ -297,11 +297,6 @@ def test_validate_names_the_field(field, value):
     models.build_model(cfg, nnx.Rngs(0))
 
 
-def test_default_and_tiny_configs_validate():
-  models.validate(base.get_config().model)
-  models.validate(tiny_config('mhc'))
-
-
 @pytest.mark.parametrize('kind, opts', [('residual_prenorm', {}), ('hc', dict(n=4)),
                                         ('mhc', dict(n=4)), ('frac', dict(m=4))])
 def test_bfloat16_compute(kind, opts):
