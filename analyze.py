@@ -19,6 +19,7 @@ import os
 from absl import app
 from absl import flags
 
+from hyperconn_jax import cli
 from hyperconn_jax import metrics
 
 _WORKDIR = flags.DEFINE_multi_string('workdir', None, 'Training run directory (repeatable).',
@@ -61,4 +62,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

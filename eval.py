@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from hyperconn_jax import cli
 from hyperconn_jax import distributed
 from hyperconn_jax import metrics
 
@@ -78,13 +79,15 @@ def evaluate_checkpoint(workdir: str, step: str = 'latest', **overrides) -> dict
   import jax  # pylint: disable=g-import-not-at-top
   from hyperconn_jax import (checkpoint, config_lib, data, evaluation, sharding,  # pylint: disable=g-import-not-at-top
                              tasks, train_lib)
-  config = load_config(workdir, **overrides)
-  config_lib.validate(config)
-  config_lib.validate_mesh_for_devices(config, jax.device_count())
+  with cli.usage_errors():
+    config = load_config(workdir, **overrides)
+    config_lib.validate(config)
+    config_lib.validate_mesh_for_devices(config, jax.device_count())
   data.ensure_prepared(config)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
   try:
-    checkpoint_step = ckpt.resolve_step(step)
+    with cli.usage_errors():
+      checkpoint_step = ckpt.resolve_step(step)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config.mesh)
     with sharding.activate(mesh, rules):
@@ -128,4 +131,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from hyperconn_jax import cli
 from hyperconn_jax import distributed
 from hyperconn_jax import metrics
 
@@ -36,9 +37,10 @@ def main(argv):
   metrics.quiet_library_logs()
   # Imported after distributed initialisation: nothing may touch the JAX backend before it.
   from hyperconn_jax import config_lib, train_lib  # pylint: disable=g-import-not-at-top
-  config_lib.validate(_CONFIG.value)
+  with cli.usage_errors():
+    config_lib.validate(_CONFIG.value)
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

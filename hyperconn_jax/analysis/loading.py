@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 import numpy as np
 
-from hyperconn_jax import checkpoint, data, sharding, train_lib
+from hyperconn_jax import checkpoint, cli, data, sharding, train_lib
 from hyperconn_jax.analysis import trace
 
 
@@ -33,10 +33,12 @@ def load_model(workdir: str, step: str | int = 'latest', *, data_dir: str | None
   Returns:
     (config, model in the loop layout with the restored parameters, the checkpoint step).
   """
-  config = load_config(workdir, data_dir=data_dir)
+  with cli.usage_errors():  # A wrong workdir or step, not a failure.
+    config = load_config(workdir, data_dir=data_dir)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
   try:
-    checkpoint_step = ckpt.resolve_step(step)
+    with cli.usage_errors():
+      checkpoint_step = ckpt.resolve_step(step)
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     rules = sharding.logical_rules(config.mesh)
     with sharding.activate(mesh, rules):
