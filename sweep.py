@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from hyperconn_jax import cli
 from hyperconn_jax import metrics
 
 _SUITE = flags.DEFINE_string('suite', None, 'A suite of configs/paper.py SUITES, or a comma-'
@@ -40,6 +41,10 @@ _WORKROOT = flags.DEFINE_string('workroot', None, 'Root of the runs\' workdirs (
                                 'workdirs/sweeps/<suite>).')
 _SET = flags.DEFINE_multi_string('set', [], "Config overrides for every run, e.g. "
                                  "--set=train.num_steps=100 (repeatable).")
+_LR_GRID = flags.DEFINE_list('lr_grid', [], 'Learning rates (e.g. 1e-3,3e-3,6e-3): every experiment '
+                             'trains at each; the tables report each experiment at its best rate '
+                             '(lowest final validation loss averaged over seeds). Empty: each '
+                             "experiment's own optim.lr.")
 _JOBS = flags.DEFINE_integer('jobs', 1, 'Runs trained at once, each a train.py subprocess '
                             'logging to WORKDIR/train.log (CPU cores or one shared GPU; 1 trains '
                             'in this process).')
@@ -60,8 +65,9 @@ _NOTE = flags.DEFINE_string('note', '', 'A sentence added to the report\'s setup
 
 
 def _analyze(collected, out_dir):
-  """Analyses seed 0 of every experiment per corpus (reusing what an earlier invocation wrote
-  into out_dir); returns ({corpus: PNG paths}, {corpus: tokens})."""
+  """Analyses the first seed of every experiment (at its best learning rate) per corpus (reusing
+  what an earlier invocation wrote into out_dir); returns ({corpus: PNG paths}, {corpus: tokens}).
+  """
   from hyperconn_jax import sweep  # pylint: disable=g-import-not-at-top
   from hyperconn_jax.analysis import runner  # pylint: disable=g-import-not-at-top
   files, tokens = {}, {}
@@ -73,7 +79,8 @@ def _analyze(collected, out_dir):
         continue
       run = runs[0]['run']
       step = sweep.num_steps(run.workdir)  # A finished run's last checkpoint.
-      exp_dir = os.path.join(corpus_dir, 'analysis', exp)
+      exp_dir = os.path.join(corpus_dir, 'analysis', exp,
+                             *([] if run.lr is None else [f'lr{run.lr:g}']))
       r = runner.read_written(exp_dir, str(step)) or runner.analyze_checkpoint(
           run.workdir, step, num_batches=_ANALYSIS_BATCHES.value, out_dir=exp_dir, label=exp)
       results[exp] = r
@@ -92,6 +99,14 @@ def _read(path: str) -> str:
     return f.read().strip()
 
 
+def _lr_grid(items: list[str]) -> tuple[float, ...]:
+  try:
+    return tuple(float(x) for x in items)
+  except ValueError:
+    raise app.UsageError(f'--lr_grid={",".join(items)}: expected comma-separated numbers, e.g. '
+                         '1e-3,3e-3,6e-3') from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -103,17 +118,25 @@ def main(argv):
 
   if _DISCUSSION.value and not os.path.isfile(_DISCUSSION.value):
     raise app.UsageError(f'--discussion={_DISCUSSION.value!r} is not a file')
-  experiments = sweep.suite(_SUITE.value)
   workroot = _WORKROOT.value or os.path.join('workdirs', 'sweeps', _SUITE.value.replace(',', '_'))
-  corpora = [sweep.prepare_corpus(spec, workroot) for spec in _CORPORA.value]
-  runs = sweep.plan(experiments, _SEEDS.value, corpora, workroot, size=_SIZE.value,
-                    overrides=sweep.parse_overrides(_SET.value, _SIZE.value))
+  with cli.usage_errors():
+    experiments = sweep.suite(_SUITE.value)
+    corpora = [sweep.prepare_corpus(spec, workroot) for spec in _CORPORA.value]
+    runs = sweep.plan(experiments, _SEEDS.value, corpora, workroot, size=_SIZE.value,
+                      overrides=sweep.parse_overrides(_SET.value, _SIZE.value),
+                      lr_grid=_lr_grid(_LR_GRID.value))
   if _PRINT.value:
     for run in runs:
       if not sweep.is_finished(run.workdir):
         print(sweep.command(run))
     return
-  counts = sweep.execute(runs, jobs=_JOBS.value, log=logging.info)
+  command = shlex.join(['python', 'sweep.py'] + sys.argv[1:])
+  try:
+    counts = sweep.execute(runs, jobs=_JOBS.value, log=logging.info)
+  except sweep.Stopped as e:
+    print(f'{e}.\nTo resume, run the same command again (finished runs are skipped, stopped ones '
+          f'resume from their latest checkpoint):\n  {command}', file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)  # As a shell reports a process ended by that signal.
   logging.info('Sweep: %d trained, %d already finished.', counts['trained'], counts['skipped'])
 
   collected = results.collect(runs)
@@ -128,12 +151,12 @@ def main(argv):
   for corpus, by_exp in collected.items():
     corpus_results[corpus] = results.write_corpus_results(corpus, by_exp, baseline, about, params,
                                                           out_dir)
-    print(f'\n{corpus}:\n{corpus_results[corpus]["table"]}')
+    print(f'\n{corpus}:\n{corpus_results[corpus]["table"]}\n{corpus_results[corpus]["lr_table"]}')
   analysis_files, analysis_tokens = ({}, {})
   if _ANALYZE.value:
-    analysis_files, analysis_tokens = _analyze(collected, out_dir)
+    analysis_files, analysis_tokens = _analyze(
+        {corpus: result['best'] for corpus, result in corpus_results.items()}, out_dir)
   if _REPORT.value:
-    command = shlex.join(['python', 'sweep.py'] + sys.argv[1:])
     results.write_report(_REPORT.value, command=command, collected=collected,
                          corpus_results=corpus_results, analysis_files=analysis_files,
                          baseline=baseline, about=about, params=params,
@@ -144,4 +167,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -1,11 +1,25 @@
 """Sweeps: a list of experiments (configs/paper.py) x seeds x corpora, run one after another in this
 process or printed as one train.py command per run for a cluster.
 
-A run lives in WORKROOT/<corpus>/<experiment>/seed<s>. It is finished when its metrics.jsonl holds
-an evaluation at the config's last step (train.num_steps); finished runs are skipped, unfinished
-ones resume from their latest checkpoint (train_lib's usual resume). Seed s sets both config.seed
-(initialisation) and config.data.shuffle_seed (data order). A workdir whose config.json differs from
-the planned config is an error, never silently reused or overwritten.
+A run lives in WORKROOT/<corpus>/<experiment>/seed<s> (WORKROOT/<corpus>/<experiment>/lr<lr>/
+seed<s> with a learning-rate grid, each experiment trained at each rate). It is finished when its
+metrics.jsonl holds an evaluation at the config's last step (train.num_steps); finished runs are
+skipped, unfinished ones resume from their latest checkpoint (train_lib's usual resume). A workdir
+whose config.json differs from the planned config is an error, never silently reused or
+overwritten.
+
+Seed s sets both config.seed (initialisation) and config.data.shuffle_seed (data order), and
+nothing else depends on the experiment: every experiment's run of seed s sees the same batches and
+starts from the same values of the weights the experiments share (the connections draw no random
+numbers, so the model's random stream is the same; tests/test_sweep.py checks both). The runs of
+one seed are therefore paired, and analysis/results.py reports paired differences.
+
+Stopping: SIGTERM, or Ctrl-C twice, stops the sweep once the runs in training have saved a checkpoint
+(train_lib saves and returns on SIGTERM; with jobs > 1 the sweep forwards SIGTERM to its train.py
+processes, which ignore Ctrl-C themselves), and `execute` raises `Stopped`: running the same sweep
+again resumes. The first Ctrl-C lets the runs in training finish and starts no other. A signal
+that arrives while a run in this process is still starting (before its training loop) takes
+effect when that run ends.
 
 A corpus is 'stdlib' (the embedded corpus), a glob of text files (data.dataset='text_files'), or
 a single text file, which `prepare_corpus` splits by lines into SPLIT_PARTS files under
@@ -19,13 +33,14 @@ import glob
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from typing import Any, Callable
 
 from configs import paper
-from hyperconn_jax import config_lib
+from hyperconn_jax import cli, config_lib
 from hyperconn_jax.data import builders
 
 SPLIT_PARTS = 10
@@ -47,14 +62,21 @@ class Run:
   workdir: str
   size: str
   overrides: tuple[tuple[str, Any], ...] = ()  # Applied after the experiment's own config.
+  lr: float | None = None  # optim.lr, applied last; None: the experiment's own.
 
   @property
   def config_arg(self) -> str:
     return f'experiment={self.experiment},size={self.size}'
 
+  @property
+  def name(self) -> str:
+    lr = '' if self.lr is None else f'/lr{self.lr:g}'
+    return f'{self.corpus.name}/{self.experiment}{lr}/seed{self.seed}'
+
   def all_overrides(self) -> tuple[tuple[str, Any], ...]:
+    lr = () if self.lr is None else (('optim.lr', self.lr),)
     return (('seed', self.seed), ('data.shuffle_seed', self.seed)) + self.corpus.overrides + \
-        self.overrides
+        self.overrides + lr
 
 
 def suite(name: str) -> tuple[str, ...]:
@@ -133,11 +155,19 @@ def _set(config, path: str, value) -> None:
 
 
 def plan(experiments: tuple[str, ...], seeds: int, corpora: list[Corpus], workroot: str, *,
-         size: str = 'cpu', overrides: tuple[tuple[str, Any], ...] = ()) -> list[Run]:
-  """Every (corpus, experiment, seed 0..seeds-1) run, corpus-major."""
-  return [Run(corpus, exp, seed, os.path.join(os.path.abspath(workroot), corpus.name, exp,
-                                              f'seed{seed}'), size, overrides)
-          for corpus in corpora for exp in experiments for seed in range(seeds)]
+         size: str = 'cpu', overrides: tuple[tuple[str, Any], ...] = (),
+         lr_grid: tuple[float, ...] = ()) -> list[Run]:
+  """Every (corpus, experiment, learning rate of lr_grid, seed 0..seeds-1) run, corpus-major; an
+  empty lr_grid trains each experiment at its own optim.lr."""
+  for lr in lr_grid:
+    if not lr > 0:
+      raise ValueError(f'--lr_grid: {lr!r} is not a learning rate > 0')
+  root = os.path.abspath(workroot)
+  return [Run(corpus, exp, seed, os.path.join(root, corpus.name, exp,
+                                              *([] if lr is None else [f'lr{lr:g}']),
+                                              f'seed{seed}'), size, overrides, lr)
+          for corpus in corpora for exp in experiments for lr in (lr_grid or (None,))
+          for seed in range(seeds)]
 
 
 def make_config(run: Run):
@@ -224,7 +254,9 @@ def _record_wall_time(run: Run, wall_s: float) -> None:
 def launch_train(run: Run) -> subprocess.Popen:
   """Starts train.py for `run` in a subprocess, logging to WORKDIR/train.log.
 
-  The child does not preallocate accelerator memory, so several jobs can share one GPU.
+  The child does not preallocate accelerator memory, so several jobs can share one GPU, and
+  ignores Ctrl-C (the terminal sends it to the whole process group): the sweep decides, and stops
+  its children with SIGTERM, which makes them save a checkpoint first.
   """
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   os.makedirs(run.workdir, exist_ok=True)
@@ -232,7 +264,69 @@ def launch_train(run: Run) -> subprocess.Popen:
   env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   with open(os.path.join(run.workdir, 'train.log'), 'ab') as log_file:
     return subprocess.Popen(train_args(run, sys.executable, os.path.join(repo, 'train.py')),
-                            cwd=repo, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+                            cwd=repo, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                            preexec_fn=_ignore_ctrl_c)
+
+
+def _ignore_ctrl_c() -> None:
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Inherited: Python then installs no handler.
+
+
+class Stopped(Exception):
+  """The sweep stopped early on SIGTERM or Ctrl-C; `signum` is the signal (for the exit status).
+  Running the same sweep again resumes it."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+
+class _StopRequests:
+  """SIGTERM and Ctrl-C handlers for the duration of a sweep (main thread only; elsewhere the
+  signals keep their usual effect).
+
+  after_run: stop once the runs in training end (the first Ctrl-C). now: stop the runs in
+  training at their next step, after a checkpoint (SIGTERM, or the second Ctrl-C, which sends
+  this process SIGTERM: that reaches train_lib's own handler during an in-process run).
+  """
+
+  def __init__(self, log):
+    self.after_run = self.now = False
+    self.signum = None
+    self._log = log
+    self._previous = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.after_run or self.now
+
+  def __enter__(self):
+    try:
+      for signum, handler in ((signal.SIGTERM, self._term), (signal.SIGINT, self._interrupt)):
+        self._previous[signum] = signal.signal(signum, handler)
+    except ValueError:  # Not the main thread.
+      pass
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _term(self, signum, frame):
+    del frame
+    self.now, self.signum = True, self.signum or signum
+    self._log('SIGTERM: stopping the sweep once the runs in training have saved a checkpoint.')
+
+  def _interrupt(self, signum, frame):
+    del frame
+    self.signum = self.signum or signum
+    if not self.after_run:
+      self.after_run = True
+      self._log('Ctrl-C: the sweep stops when the runs in training end. Ctrl-C again (or '
+                'SIGTERM) stops them now, after a checkpoint.')
+      return
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # A third Ctrl-C aborts.
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def execute(runs: list[Run], *, jobs: int = 1,
@@ -256,19 +350,22 @@ def execute(runs: list[Run], *, jobs: int = 1,
     log: where progress lines go.
 
   Raises:
-    ValueError: jobs < 1, an invalid run config, or a workdir holding a run of another config
+    cli.UsageError: jobs < 1, an invalid run config, or a workdir holding a run of another config
       (before anything trains).
     RuntimeError: with jobs > 1, after all runs ended, naming the runs whose process failed and
       their logs.
+    Stopped: on SIGTERM or Ctrl-C (module docstring), once the runs in training have ended,
+      naming the unfinished runs.
   """
   if jobs < 1:
-    raise ValueError(f'--jobs={jobs}: must be at least 1')
+    raise cli.UsageError(f'--jobs={jobs}: must be at least 1')
   counts = {'skipped': 0, 'trained': 0}
   todo, stale = [], []
   for i, run in enumerate(runs):
-    name = f'[{i + 1}/{len(runs)}] {run.corpus.name}/{run.experiment}/seed{run.seed}'
+    name = f'[{i + 1}/{len(runs)}] {run.name}'
     config = make_config(run)
-    config_lib.validate(config)
+    with cli.usage_errors():
+      config_lib.validate(config)
     mismatch = config_mismatch(run.workdir, config)
     if mismatch:
       stale.append(f'{run.workdir}: ' + '; '.join(mismatch[:5]) +
@@ -279,32 +376,46 @@ def execute(runs: list[Run], *, jobs: int = 1,
     else:
       todo.append((name, run, config))
   if stale:
-    raise ValueError('runs in these workdirs used another config than the sweep plans now (their '
-                     'results would be mislabelled; use another --workroot or move them away):\n  '
-                     + '\n  '.join(stale))
-  if jobs == 1:
-    counts['trained'] = _train_in_process(todo, train_fn, log)
-  else:
-    counts['trained'] = _train_in_subprocesses(todo, jobs, launch_fn, log)
+    raise cli.UsageError('runs in these workdirs used another config than the sweep plans now '
+                         '(their results would be mislabelled; use another --workroot or move '
+                         'them away):\n  ' + '\n  '.join(stale))
+  with _StopRequests(log) as stop:
+    if jobs == 1:
+      counts['trained'] = _train_in_process(todo, train_fn, log, stop)
+    else:
+      counts['trained'] = _train_in_subprocesses(todo, jobs, launch_fn, log, stop)
+    unfinished = [name for name, run, _ in todo if not is_finished(run.workdir)]
+    if stop.requested or unfinished:
+      raise Stopped(f'the sweep stopped on {signal.Signals(stop.signum or signal.SIGTERM).name} '
+                    f'with {len(unfinished)} of {len(runs)} runs unfinished: '
+                    + ', '.join(unfinished), stop.signum or signal.SIGTERM)
   return counts
 
 
-def _train_in_process(todo, train_fn, log) -> int:
-  """Trains the (name, run, config) of `todo` one after another; returns how many."""
+def _train_in_process(todo, train_fn, log, stop) -> int:
+  """Trains the (name, run, config) of `todo` one after another until a run returns unfinished
+  (train_lib stopped it on SIGTERM) or a stop is requested; returns how many finished."""
   if train_fn is None:
     from hyperconn_jax import train_lib  # pylint: disable=g-import-not-at-top
     train_fn = train_lib.train_and_evaluate
+  trained = 0
   for name, run, config in todo:
+    if stop.requested:
+      break
     log(f'{name}: training in {run.workdir}')
     start = time.perf_counter()
     train_fn(config, run.workdir)
     _record_wall_time(run, time.perf_counter() - start)
-  return len(todo)
+    if not is_finished(run.workdir):
+      break
+    trained += 1
+  return trained
 
 
-def _train_in_subprocesses(todo, jobs, launch_fn, log) -> int:
+def _train_in_subprocesses(todo, jobs, launch_fn, log, stop) -> int:
   """Trains the (name, run, config) of `todo`, `jobs` subprocesses at a time; returns how many
-  finished (RuntimeError naming the failed ones, once all ended)."""
+  finished (RuntimeError naming the failed ones, once all ended). On a stop request no run
+  starts, and on `stop.now` the running ones get SIGTERM (they save and exit)."""
   if launch_fn is None:
     from hyperconn_jax.data import sources  # pylint: disable=g-import-not-at-top
     prepared = set()
@@ -313,8 +424,14 @@ def _train_in_subprocesses(todo, jobs, launch_fn, log) -> int:
         sources.ensure_prepared(config)
         prepared.add(run.corpus.name)
     launch_fn = launch_train
-  pending, running, failed, trained = list(todo), {}, [], 0
+  pending, running, failed, trained, signalled = list(todo), {}, [], 0, False
   while pending or running:
+    if stop.requested:
+      pending.clear()
+    if stop.now and not signalled:
+      for proc in running:
+        proc.send_signal(signal.SIGTERM)
+      signalled = True
     while pending and len(running) < jobs:
       name, run, _ = pending.pop(0)
       log(f'{name}: training in {run.workdir} (log: train.log)')
@@ -326,6 +443,10 @@ def _train_in_subprocesses(todo, jobs, launch_fn, log) -> int:
         _record_wall_time(run, time.perf_counter() - start)
         trained += 1
         log(f'{name}: finished in {time.perf_counter() - start:.0f} s')
+      elif signalled and proc.returncode in (0, -signal.SIGTERM):
+        # Stopped: saved its checkpoint (0), or ended before its training loop began.
+        _record_wall_time(run, time.perf_counter() - start)
+        log(f'{name}: stopped (log: {os.path.join(run.workdir, "train.log")})')
       else:
         failed.append(f'{name} (exit code {proc.returncode}; '
                       f'{os.path.join(run.workdir, "train.log")})')

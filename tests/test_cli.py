@@ -33,6 +33,10 @@ def test_usage_errors_are_one_line_with_status_2(tmp_path):
           'train.py: error: '),
       'eval.py not a run': (('eval.py', f'--workdir={missing}'),
                             f'eval.py: error: --workdir={missing}: no config.json'),
+      'sweep.py unknown suite': (('sweep.py', '--suite=nope', f'--workroot={missing}'),
+                                 "sweep.py: error: --suite='nope'"),
+      'sweep.py bad lr grid': (('sweep.py', '--suite=prenorm', '--lr_grid=fast'),
+                               'sweep.py: error: --lr_grid=fast'),
       'analyze.py unknown analysis': (('analyze.py', f'--workdir={missing}', '--analyses=nope'),
                                       'analyze.py: error: --analyses'),
   }

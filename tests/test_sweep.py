@@ -5,15 +5,19 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
+from flax import nnx
 import numpy as np
 import pytest
 
 from configs import paper
-from hyperconn_jax import config_lib, sweep
+from hyperconn_jax import config_lib, data, models, sweep
 from hyperconn_jax.analysis import results
+import helpers
 
 
 def test_every_experiment_builds_a_valid_config():
@@ -73,6 +77,48 @@ def test_plan_commands_and_overrides(tmp_path):
     sweep.suite('dhc4,nope')
   with pytest.raises(ValueError, match='no field'):
     sweep.parse_overrides(['train.num_stepz=3'])
+  # A learning-rate grid: every experiment at every rate, the rate applied after --set.
+  runs = sweep.plan(('prenorm',), 2, [corpus], str(tmp_path), size='tiny', overrides=overrides,
+                    lr_grid=(1e-3, 3e-3))
+  assert [(r.lr, r.seed) for r in runs] == [(1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)]
+  assert runs[3].workdir == os.path.join(str(tmp_path), 'text', 'prenorm', 'lr0.003', 'seed1')
+  assert runs[3].name == 'text/prenorm/lr0.003/seed1'
+  assert sweep.make_config(runs[3]).optim.lr == 3e-3
+  assert sweep.command(runs[3]).endswith('--config.optim.lr=0.003 --workdir=' + runs[3].workdir)
+  with pytest.raises(ValueError, match='--lr_grid'):
+    sweep.plan(('prenorm',), 1, [corpus], str(tmp_path), lr_grid=(0.0,))
+
+
+def test_seed_pairs_data_order_and_shared_initial_weights(tmp_path):
+  # Seed s gives every experiment the same batches and the same initial values of the weights
+  # they share, so their per-seed differences are paired (analysis/results.py).
+  experiments = ('prenorm', 'dhc4', 'mhc4', 'dfc4')
+  corpus = sweep.Corpus('stdlib', (('data.data_dir', str(tmp_path / 'tfds')),))
+  runs = sweep.plan(experiments, 2, [corpus], str(tmp_path), size='tiny')
+  data.ensure_prepared(sweep.make_config(runs[0]))
+  weights, batches = {}, {}
+  for run in runs:
+    config = sweep.make_config(run)
+    with nnx.use_eager_sharding(False):
+      model = models.build_model(config.model, nnx.Rngs(config.seed))
+    weights[run.experiment, run.seed] = {
+        path: np.asarray(v) for path, v in helpers.flat(nnx.state(model, nnx.Param)).items()
+        if not any('connection' in str(k) or 'streams' in str(k) for k in path)}
+    batches[run.experiment, run.seed] = {
+        k: np.asarray(v) for k, v in next(data.make_train_iterator(config)).items()}
+  for seed in (0, 1):
+    base_w = weights['prenorm', seed]
+    assert len(base_w) > 5
+    for exp in experiments[1:]:
+      shared = set(base_w) & set(weights[exp, seed])
+      assert shared == set(base_w), exp  # Every Pre-Norm weight exists in the HC variants.
+      for path in shared:
+        np.testing.assert_array_equal(weights[exp, seed][path], base_w[path], err_msg=str(path))
+      for key, value in batches['prenorm', seed].items():
+        np.testing.assert_array_equal(batches[exp, seed][key], value, err_msg=key)
+  assert not np.array_equal(batches['prenorm', 0]['inputs'], batches['prenorm', 1]['inputs'])
+  emb = next(path for path in weights['prenorm', 0] if 'embed' in str(path))
+  assert not np.array_equal(weights['prenorm', 0][emb], weights['prenorm', 1][emb])
 
 
 def test_single_file_corpus_is_split_into_parts(tmp_path):
@@ -180,19 +226,29 @@ def test_parallel_execute_runs_subprocesses_and_reports_failures(tmp_path):
 
 
 def test_summary_statistics():
-  rows = results.summarize({'base': [2.0, 2.2, 2.1], 'hc': [1.9, 2.0, 1.95], 'one': [1.0],
-                            'none': []}, 'base')
+  # hc is 0.15 below base on average, and 0.1, 0.2, 0.15 below on seeds 0, 1, 2: unpaired, base's
+  # seed spread (std 0.1) dominates; paired, only the spread of the differences (0.05) counts.
+  base = {0: 2.0, 1: 2.2, 2: 2.1}
+  hc = {0: 1.9, 1: 2.0, 2: 1.95}
+  rows = results.summarize({'base': base, 'hc': hc, 'one': {1: 1.0}, 'other_seeds': {5: 1.0,
+                                                                                     6: 1.1},
+                            'none': {}}, 'base')
   by = {r['variant']: r for r in rows}
   assert by['base']['n'] == 3 and by['base']['mean'] == pytest.approx(2.1)
   assert by['base']['std'] == pytest.approx(np.std([2.0, 2.2, 2.1], ddof=1))
-  assert by['hc']['diff'] == pytest.approx(1.95 - 2.1)
+  diffs = [-0.1, -0.2, -0.15]
+  assert by['hc']['pairs'] == [0, 1, 2] and by['hc']['diff'] == pytest.approx(-0.15)
+  assert by['hc']['diff_se'] == pytest.approx(np.std(diffs, ddof=1) / math.sqrt(3))
+  assert by['hc']['unpaired_diff'] == pytest.approx(1.95 - 2.1)
   se = math.sqrt(np.var([1.9, 2.0, 1.95], ddof=1) / 3 + np.var([2.0, 2.2, 2.1], ddof=1) / 3)
-  assert by['hc']['diff_se'] == pytest.approx(se)
-  assert by['one']['std'] == 0.0 and math.isnan(by['one']['diff_se'])
+  assert by['hc']['unpaired_se'] == pytest.approx(se)
+  assert by['one']['std'] == 0.0 and by['one']['pairs'] == [1]
+  assert by['one']['diff'] == pytest.approx(1.0 - 2.2) and math.isnan(by['one']['diff_se'])
+  assert by['other_seeds']['pairs'] == [] and math.isnan(by['other_seeds']['diff'])
   assert by['none']['n'] == 0 and math.isnan(by['none']['mean'])
   assert results.verdict(by['base'], 'base') == 'baseline'
-  assert results.verdict(by['hc'], 'base').startswith('lower')  # 0.15 > 2 * 0.065.
-  assert results.verdict(by['one'], 'base').startswith('one seed')
+  assert results.verdict(by['hc'], 'base').startswith('lower')  # 0.15 > 2 * 0.029.
+  assert results.verdict(by['one'], 'base').startswith('one paired seed')
   assert results.verdict({'variant': 'x', 'n': 3, 'diff': 0.01, 'diff_se': 0.01},
                          'base').startswith('within')
   assert results.verdict({'variant': 'x', 'n': 3, 'diff': 0.05, 'diff_se': 0.01},
@@ -200,11 +256,15 @@ def test_summary_statistics():
 
 
 def test_report_from_synthetic_runs(tmp_path):
-  finals = {'prenorm': (2.0, 2.1), 'dhc4': (1.8, 1.85)}
+  # Final losses per (experiment, lr), seeds 0 and 1: prenorm is best at 1e-3, dhc4 at 3e-3.
+  finals = {('prenorm', 1e-3): (2.0, 2.1), ('prenorm', 3e-3): (2.05, 2.2),
+            ('dhc4', 1e-3): (1.9, 2.0), ('dhc4', 3e-3): (1.8, 1.85)}
   runs = sweep.plan(('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path / 'runs'),
-                    size='tiny')
+                    size='tiny', lr_grid=(1e-3, 3e-3))
   for run in runs:
-    fake_run(run.workdir, final=finals[run.experiment][run.seed])
+    config = sweep.make_config(run)
+    config.train.num_steps = 20
+    fake_run(run.workdir, config=config, final=finals[run.experiment, run.lr][run.seed])
   facts = {'versions': {'python': '3.11.7', 'jax': '0.10.2', 'flax': '0.12.8', 'optax': '0.2.8',
                         'orbax-checkpoint': '0.12.8', 'grain': '0.2.18'},
            'host': {'platform': 'Linux', 'cpu': 'Some CPU', 'cpu_count': 16},
@@ -213,7 +273,7 @@ def test_report_from_synthetic_runs(tmp_path):
     with open(os.path.join(run.workdir, 'run.json'), 'w') as f:
       json.dump(facts, f)
   collected = results.collect(runs)
-  assert [len(v) for v in collected['stdlib'].values()] == [2, 2]
+  assert [len(v) for v in collected['stdlib'].values()] == [4, 4]
   out = str(tmp_path / 'docs' / 'results')
   params = {'prenorm': {'total': 1000, 'connection': 0}, 'dhc4': {'total': 1010, 'connection': 10}}
   about = {'prenorm': 'Pre-Norm', 'dhc4': 'DHC x4'}
@@ -224,16 +284,27 @@ def test_report_from_synthetic_runs(tmp_path):
   with open(os.path.join(out, 'results_stdlib.csv')) as f:
     rows = {r['variant']: r for r in csv.DictReader(f)}
   assert float(rows['dhc4']['eval_loss_mean']) == pytest.approx(1.825)
+  assert float(rows['dhc4']['lr']) == 3e-3 and float(rows['prenorm']['lr']) == 1e-3
   assert float(rows['dhc4']['diff']) == pytest.approx(1.825 - 2.05)
-  assert rows['dhc4']['seeds'] == '2'
-  assert '| dhc4 | DHC x4 | 2 | 1,010 (10) | 1.8250 ± 0.0354 | -0.2250 ± ' in corpus['table']
+  assert rows['dhc4']['seeds'] == '2' and rows['dhc4']['paired_seeds'] == '0 1'
+  # Paired: differences -0.2 and -0.25 (SE 0.025); unpaired SE sqrt(0.0354^2 / 2 + 0.0707^2 / 2).
+  assert ('| dhc4 | DHC x4 | 0.003 | 2 (0 1) | 1,010 (10) | 1.8250 ± 0.0354 | -0.2250 ± 0.0250 | '
+          '-0.2250 ± 0.0559 | lower (beyond 2 SE) |') in corpus['table']
+  assert corpus['lr_table'].splitlines()[2:] == ['| prenorm | **2.0500** | 2.1250 |',
+                                                 '| dhc4 | 1.9500 | **1.8250** |']
+  # The per-seed CSV regenerates the tables without the workdirs.
+  regenerated = results.read_seed_csv(os.path.join(out, 'runs_stdlib.csv'))['stdlib']
+  assert [len(v) for v in regenerated.values()] == [4, 4]
+  again = results.table_rows(results.at_best_lr(regenerated)[0], 'prenorm')
+  assert results.markdown_table(again, about, params) == corpus['table']
   one_seed = results.markdown_table(results.table_rows(
-      {'prenorm': collected['stdlib']['prenorm'][:1], 'dhc4': collected['stdlib']['dhc4'][:1]},
+      {'prenorm': corpus['best']['prenorm'][:1], 'dhc4': corpus['best']['dhc4'][:1]},
       'prenorm'), about, params)
-  assert '| 1.8000 | -0.2000 | one seed: spread unknown |' in one_seed
+  assert '| 1.8000 | -0.2000 | -0.2000 | one paired seed: spread unknown |' in one_seed
   report = str(tmp_path / 'docs' / 'results.md')
   analysis_files = {'stdlib': [os.path.join(out, 'stdlib', name) for name in (
-      'compare_gain.png', 'analysis/dhc4/connections_20.png', 'analysis/dhc4/gain_20.png')]}
+      'compare_gain.png', 'analysis/dhc4/lr0.003/connections_20.png',
+      'analysis/dhc4/lr0.003/gain_20.png')]}
   results.write_report(report, command='python sweep.py --suite=x', collected=collected,
                        corpus_results={'stdlib': corpus}, analysis_files=analysis_files,
                        baseline='prenorm',
@@ -242,14 +313,89 @@ def test_report_from_synthetic_runs(tmp_path):
                        discussion='HC wins nothing here.')
   text = open(report).read()
   assert ('- Trained on: Some CPU (16 cores), Linux; 1 x NVIDIA H200 (gpu); Python 3.11.7, JAX '
-          '0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, grain 0.2.18 (3 of 4 runs).'
+          '0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, grain 0.2.18 (7 of 8 runs).'
           in text)
-  assert '- Trained on: unknown (the run has no run.json) (1 of 4 runs).' in text
+  assert '- Trained on: unknown (the run has no run.json) (1 of 8 runs).' in text
+  assert 'each variant at its best lr of 0.001, 0.003' in text
+  assert 'Paired seeds (each with `prenorm`): 0, 1;' in text
+  assert corpus['lr_table'] in text
   assert '20 steps x batch 8 x 32 tokens = 5,120 tokens seen per run' in text
   assert '![loss curves](results/loss_stdlib.png)' in text
   assert 'beyond 2 SE: dhc4' in text and 'A test.' in text
   assert '## Discussion\n\nHC wins nothing here.\n' in text
   assert '### Analyses (stdlib, seed 0 of each variant, 64 validation tokens)' in text
   assert '![compare_gain.png](results/stdlib/compare_gain.png)' in text
-  assert ('- dhc4: [connections](results/stdlib/analysis/dhc4/connections_20.png) · '
-          '[gain](results/stdlib/analysis/dhc4/gain_20.png)\n') in text
+  assert ('- dhc4: [connections](results/stdlib/analysis/dhc4/lr0.003/connections_20.png) · '
+          '[gain](results/stdlib/analysis/dhc4/lr0.003/gain_20.png)\n') in text
+
+
+def _wait_for(predicate, what, proc, log_path, timeout=300.0):
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      with open(log_path) as f:
+        tail = f.read()[-3000:]
+      raise AssertionError(f'{what}: not reached (exit code {proc.poll()}):\n{tail}')
+    time.sleep(0.2)
+
+
+def _training(workdir) -> bool:
+  """True once the run's training loop logged an update (its SIGTERM handler is installed)."""
+  return any('loss' in r for r in sweep.read_metrics(workdir))
+
+
+def _log_has(log_path, text) -> bool:
+  with open(log_path) as f:
+    return text in f.read()
+
+
+def test_sweep_stops_on_sigterm_or_second_ctrl_c_and_says_how_to_resume(tmp_path):
+  # Real sweeps of never-ending tiny runs: the signal is what ends them.
+  argv = [sys.executable, 'sweep.py', '--suite=prenorm,dhc4', '--seeds=1', '--size=tiny',
+          '--set=train.num_steps=100000', f'--set=data.data_dir={tmp_path / "tfds"}',
+          '--analyze=false']
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def start(name, *flags):
+    log_path = str(tmp_path / f'{name}.log')
+    with open(log_path, 'w') as log:
+      proc = subprocess.Popen(argv + [f'--workroot={tmp_path / name}', *flags], cwd=repo, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    workdirs = [str(tmp_path / name / 'stdlib' / exp / 'seed0') for exp in ('prenorm', 'dhc4')]
+    return proc, log_path, workdirs
+
+  def assert_stopped(proc, log_path, code):
+    assert proc.wait(timeout=300) == code, open(log_path).read()[-3000:]
+    text = open(log_path).read()
+    assert 'To resume, run the same command again' in text and '--suite=prenorm,dhc4' in text
+    return text
+
+  # --jobs=2: SIGTERM to the sweep stops both train.py children, each after a checkpoint.
+  proc, log_path, workdirs = start('jobs2', '--jobs=2')
+  _wait_for(lambda: all(map(_training, workdirs)), 'both runs training', proc, log_path)
+  proc.send_signal(signal.SIGTERM)
+  text = assert_stopped(proc, log_path, 128 + signal.SIGTERM)
+  assert 'the sweep stopped on SIGTERM with 2 of 2 runs unfinished' in text
+  for workdir in workdirs:
+    assert _log_has(os.path.join(workdir, 'train.log'), 'Stopping after step')
+    assert os.listdir(os.path.join(workdir, 'checkpoints'))
+    assert not sweep.is_finished(workdir)
+
+  # In process: the first Ctrl-C lets the run go on; the second stops it after a checkpoint, and
+  # the next run never starts.
+  proc, log_path, workdirs = start('jobs1')
+  _wait_for(lambda: _training(workdirs[0]), 'the first run training', proc, log_path)
+  proc.send_signal(signal.SIGINT)
+  _wait_for(lambda: _log_has(log_path, 'Ctrl-C again'), 'the first Ctrl-C noted', proc, log_path)
+  steps = len(sweep.read_metrics(workdirs[0]))
+  _wait_for(lambda: len(sweep.read_metrics(workdirs[0])) > steps, 'training after the first Ctrl-C',
+            proc, log_path)
+  proc.send_signal(signal.SIGINT)
+  text = assert_stopped(proc, log_path, 128 + signal.SIGINT)
+  assert 'Stopping after step' in text and 'with 2 of 2 runs unfinished' in text
+  assert os.listdir(os.path.join(workdirs[0], 'checkpoints'))
+  assert not os.path.exists(workdirs[1])

@@ -1,9 +1,15 @@
 """Sweep results: per-run facts from the workdirs, tables over seeds, loss curves, the report.
 
+Seed s gives every variant the same data order and the same initial values of the weights they
+share (hyperconn_jax/sweep.py), so a variant's run and the baseline's run of one seed are a pair.
 Table math (per variant, over its seeds): mean, sample standard deviation (ddof = 1; 0 for one
-seed), the difference of means to the baseline variant and its standard error
-sqrt(s_v^2 / n_v + s_b^2 / n_b) (Welch). A difference is called real only when it exceeds twice
-that standard error; with one seed on either side no spread is known.
+seed); the paired difference to the baseline, mean over the seeds both have of (variant -
+baseline), and its paired standard error std(differences, ddof = 1) / sqrt(pairs); beside it the
+unpaired (Welch) standard error sqrt(s_v^2 / n_v + s_b^2 / n_b). A difference is called real only
+when it exceeds twice the paired standard error; with fewer than two pairs no spread is known.
+
+With a learning-rate grid, each variant is reported at its own best rate: the one with the lowest
+final validation loss averaged over that rate's seeds (`at_best_lr`).
 """
 
 import csv
@@ -19,12 +25,13 @@ from hyperconn_jax import metrics, sweep
 from hyperconn_jax.analysis import plots
 
 METRICS = ('eval_loss', 'eval_bits_per_byte', 'eval_ppl')
+SEED_FIELDS = ('corpus', 'variant', 'lr', 'seed') + METRICS + ('wall_s',)
 
 
 def read_run(run: sweep.Run) -> dict[str, Any]:
   """Facts of one finished run: final eval metrics, loss curves, tokens seen, wall time, config.
 
-  Returns {'run', 'config', 'final': {metric: value}, 'train': (steps, losses),
+  Returns {'run', 'seed', 'lr', 'config', 'final': {metric: value}, 'train': (steps, losses),
   'eval': (steps, losses), 'tokens_seen', 'wall_s' (None if unknown), 'facts' (WORKDIR/run.json:
   where it trained; None if absent)}.
   """
@@ -48,7 +55,8 @@ def read_run(run: sweep.Run) -> dict[str, Any]:
   train = [(r['step'], r['loss']) for r in rows if 'loss' in r]
   evals = [(r['step'], r['eval_loss']) for r in rows if 'eval_loss' in r]
   return {
-      'run': run, 'config': config, 'final': {k: final[-1][k] for k in METRICS},
+      'run': run, 'seed': run.seed, 'lr': config['optim']['lr'], 'config': config,
+      'final': {k: final[-1][k] for k in METRICS},
       'train': tuple(map(list, zip(*train))) if train else ([], []),
       'eval': tuple(map(list, zip(*evals))) if evals else ([], []),
       'tokens_seen': last * config['train']['batch_size'] * config['data']['seq_len'],
@@ -70,10 +78,12 @@ def collect(runs: list[sweep.Run]) -> dict[str, dict[str, list[dict[str, Any]]]]
   return out
 
 
-def summarize(values: dict[str, list[float]], baseline: str) -> list[dict[str, Any]]:
-  """Per variant (in order): n, mean, std, diff (mean - baseline mean), diff_se (see module doc).
+def summarize(values: dict[str, dict[int, float]], baseline: str) -> list[dict[str, Any]]:
+  """Per variant (in order) from {variant: {seed: value}}: n, mean, std, pairs (the seeds it shares
+  with the baseline, sorted), diff (paired: mean of variant - baseline over the pairs), diff_se
+  (paired), unpaired_diff (mean - baseline mean) and unpaired_se (Welch); see the module doc.
 
-  Variants without values get n = 0 and NaN statistics.
+  Variants without values get n = 0 and NaN statistics; a spread needs two values (or pairs).
   """
   def stats(v):
     v = np.asarray(v, np.float64)
@@ -81,13 +91,18 @@ def summarize(values: dict[str, list[float]], baseline: str) -> list[dict[str, A
       return 0, math.nan, math.nan
     return len(v), float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
-  n_b, mean_b, std_b = stats(values.get(baseline, []))
+  base = values.get(baseline, {})
+  n_b, mean_b, std_b = stats(list(base.values()))
   rows = []
-  for name, v in values.items():
-    n, mean, std = stats(v)
-    se = (math.sqrt(std ** 2 / n + std_b ** 2 / n_b) if n > 1 and n_b > 1 else math.nan)
-    rows.append({'variant': name, 'n': n, 'mean': mean, 'std': std, 'diff': mean - mean_b,
-                 'diff_se': se})
+  for name, by_seed in values.items():
+    n, mean, std = stats(list(by_seed.values()))
+    pairs = sorted(set(by_seed) & set(base))
+    n_d, mean_d, std_d = stats([by_seed[s] - base[s] for s in pairs])
+    rows.append({'variant': name, 'n': n, 'mean': mean, 'std': std, 'pairs': pairs,
+                 'diff': mean_d, 'diff_se': std_d / math.sqrt(n_d) if n_d > 1 else math.nan,
+                 'unpaired_diff': mean - mean_b,
+                 'unpaired_se': (math.sqrt(std ** 2 / n + std_b ** 2 / n_b) if n > 1 and n_b > 1
+                                 else math.nan)})
   return rows
 
 
@@ -98,7 +113,7 @@ def verdict(row: dict[str, Any], baseline: str) -> str:
   if row['n'] == 0:
     return 'no finished runs'
   if math.isnan(row['diff_se']):
-    return 'one seed: spread unknown'
+    return 'one paired seed: spread unknown'
   if row['diff'] < -2 * row['diff_se']:
     return 'lower (beyond 2 SE)'
   if row['diff'] > 2 * row['diff_se']:
@@ -113,20 +128,59 @@ def _pm(mean: float, spread: float, n: int, digits: int = 4) -> str:
   return f'{mean:.{digits}f}' if n < 2 else f'{mean:.{digits}f} ± {spread:.{digits}f}'
 
 
+def seed_rows(corpus: str, by_exp: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+  """One row per run (SEED_FIELDS): the per-seed final metrics the tables are computed from."""
+  return [{'corpus': corpus, 'variant': exp, 'lr': r['lr'], 'seed': r['seed'],
+           **r['final'], 'wall_s': r['wall_s']} for exp, runs in by_exp.items() for r in runs]
+
+
+def read_seed_csv(path: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
+  """{corpus: {experiment: [run]}} from a runs_<corpus>.csv of `write_corpus_results`, each run
+  with the 'seed', 'lr', 'final', 'wall_s' and 'tokens_seen' (None) that `at_best_lr` and
+  `table_rows` read: the tables again without the workdirs."""
+  out: dict[str, dict[str, list]] = {}
+  with open(path, newline='') as f:
+    for row in csv.DictReader(f):
+      out.setdefault(row['corpus'], {}).setdefault(row['variant'], []).append({
+          'seed': int(row['seed']), 'lr': float(row['lr']),
+          'final': {k: float(row[k]) for k in METRICS},
+          'wall_s': float(row['wall_s']) if row['wall_s'] else None, 'tokens_seen': None})
+  return out
+
+
+def at_best_lr(by_exp: dict[str, list[dict[str, Any]]]
+               ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[float, float]]]:
+  """Each experiment's runs at its best learning rate (lowest mean final validation loss over the
+  rate's seeds), and {experiment: {lr: that mean}} for every rate it has runs of."""
+  best, means = {}, {}
+  for exp, runs in by_exp.items():
+    by_lr = {}
+    for r in runs:
+      by_lr.setdefault(r['lr'], []).append(r)
+    means[exp] = {lr: float(np.mean([r['final']['eval_loss'] for r in rs]))
+                  for lr, rs in sorted(by_lr.items())}
+    best[exp] = by_lr[min(means[exp], key=means[exp].get)] if by_lr else []
+  return best, means
+
+
 def table_rows(by_exp: dict[str, list[dict[str, Any]]], baseline: str) -> list[dict[str, Any]]:
-  """One row per experiment: loss / bits-per-byte statistics, verdict, tokens, wall time."""
-  loss = summarize({e: [r['final']['eval_loss'] for r in runs] for e, runs in by_exp.items()},
-                   baseline)
-  bpb = summarize({e: [r['final']['eval_bits_per_byte'] for r in runs]
-                   for e, runs in by_exp.items()}, baseline)
+  """One row per experiment (its runs at one learning rate each): loss / bits-per-byte
+  statistics, paired and unpaired difference to the baseline, verdict, tokens, wall time."""
+  def values(metric):
+    return summarize({e: {r['seed']: r['final'][metric] for r in runs}
+                      for e, runs in by_exp.items()}, baseline)
+
   rows = []
-  for l, b in zip(loss, bpb):
+  for l, b in zip(values('eval_loss'), values('eval_bits_per_byte')):
     runs = by_exp[l['variant']]
     walls = [r['wall_s'] for r in runs if r['wall_s'] is not None]
     rows.append({
-        'variant': l['variant'], 'seeds': l['n'],
+        'variant': l['variant'], 'lr': runs[0]['lr'] if runs else math.nan, 'seeds': l['n'],
+        'paired_seeds': ' '.join(map(str, l['pairs'])),
         'eval_loss_mean': l['mean'], 'eval_loss_std': l['std'],
-        'diff': l['diff'], 'diff_se': l['diff_se'], 'verdict': verdict(l, baseline),
+        'diff': l['diff'], 'diff_se': l['diff_se'],
+        'unpaired_diff': l['unpaired_diff'], 'unpaired_se': l['unpaired_se'],
+        'verdict': verdict(l, baseline),
         'bpb_mean': b['mean'], 'bpb_std': b['std'],
         'tokens_seen': runs[0]['tokens_seen'] if runs else None,
         'wall_s_mean': float(np.mean(walls)) if walls else math.nan,
@@ -134,27 +188,49 @@ def table_rows(by_exp: dict[str, list[dict[str, Any]]], baseline: str) -> list[d
   return rows
 
 
+def _diff(diff: float, se: float) -> str:
+  if math.isnan(diff):
+    return 'n/a'
+  return f'{diff:+.4f}' + ('' if math.isnan(se) else f' ± {se:.4f}')
+
+
 def markdown_table(rows: list[dict[str, Any]], about: dict[str, str],
                    params: dict[str, dict[str, int]]) -> str:
   """The results table in markdown."""
-  lines = ['| variant | what | seeds | params (connection) | eval loss | Δ loss vs baseline | '
-           'verdict | bits / byte | wall s / run |',
-           '|---|---|---|---|---|---|---|---|---|']
+  lines = ['| variant | what | lr | seeds (paired) | params (connection) | eval loss | '
+           'Δ loss vs baseline, paired | unpaired Δ | verdict | bits / byte | wall s / run |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     p = params.get(r['variant'])
     p_text = f'{p["total"]:,} ({p["connection"]:,})' if p else 'n/a'
-    diff = '—' if r['verdict'] == 'baseline' else 'n/a' if math.isnan(r['diff']) else (
-        f'{r["diff"]:+.4f}' + ('' if math.isnan(r['diff_se']) else f' ± {r["diff_se"]:.4f}'))
+    base = r['verdict'] == 'baseline'
+    diff = '—' if base else _diff(r['diff'], r['diff_se'])
+    unpaired = '—' if base else _diff(r['unpaired_diff'], r['unpaired_se'])
+    seeds = f'{r["seeds"]}' + ('' if base else f' ({r["paired_seeds"] or "none"})')
     wall = 'n/a' if math.isnan(r['wall_s_mean']) else f'{r["wall_s_mean"]:.0f}'
-    lines.append(f'| {r["variant"]} | {about.get(r["variant"], "")} | {r["seeds"]} | {p_text} | '
-                 f'{_pm(r["eval_loss_mean"], r["eval_loss_std"], r["seeds"])} | {diff} | '
-                 f'{r["verdict"]} | {_pm(r["bpb_mean"], r["bpb_std"], r["seeds"])} | {wall} |')
+    lines.append(f'| {r["variant"]} | {about.get(r["variant"], "")} | {r["lr"]:g} | {seeds} | '
+                 f'{p_text} | {_pm(r["eval_loss_mean"], r["eval_loss_std"], r["seeds"])} | '
+                 f'{diff} | {unpaired} | {r["verdict"]} | '
+                 f'{_pm(r["bpb_mean"], r["bpb_std"], r["seeds"])} | {wall} |')
   return '\n'.join(lines)
 
 
-def write_csv(rows: list[dict[str, Any]], path: str) -> None:
+def lr_table(means: dict[str, dict[float, float]]) -> str:
+  """Mean final validation loss per experiment and learning rate, the best in bold (markdown)."""
+  rates = sorted({lr for by_lr in means.values() for lr in by_lr})
+  lines = ['| variant | ' + ' | '.join(f'lr {lr:g}' for lr in rates) + ' |',
+           '|---|' + '---|' * len(rates)]
+  for exp, by_lr in means.items():
+    best = min(by_lr, key=by_lr.get) if by_lr else None
+    cells = ['n/a' if lr not in by_lr else
+             f'**{by_lr[lr]:.4f}**' if lr == best else f'{by_lr[lr]:.4f}' for lr in rates]
+    lines.append(f'| {exp} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def write_csv(rows: list[dict[str, Any]], path: str, fields=None) -> None:
   with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(f, fieldnames=list(fields or rows[0]))
     writer.writeheader()
     writer.writerows(rows)
 
@@ -200,21 +276,35 @@ def machines(collected: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str,
 def write_corpus_results(corpus: str, by_exp: dict[str, list[dict[str, Any]]], baseline: str,
                          about: dict[str, str], params: dict[str, dict[str, int]],
                          out_dir: str) -> dict[str, Any]:
-  """Writes results_<corpus>.md / .csv and loss_<corpus>.png into out_dir.
+  """Writes into out_dir: results_<corpus>.md (the table, each experiment at its best learning
+  rate, and the learning-rate table when there are several rates) and .csv (the table's rows),
+  runs_<corpus>.csv (every run's final metrics: `read_seed_csv` regenerates the tables from it)
+  and loss_<corpus>.png.
 
-  Returns {'rows', 'table' (markdown), 'files'}.
+  Args:
+    by_exp: {experiment: runs}, from `collect` (any number of learning rates).
+  Returns:
+    {'rows', 'table' (markdown), 'lr_table' (markdown; '' with one rate), 'best' ({experiment:
+    its runs at its best rate}), 'files'}.
   """
   os.makedirs(out_dir, exist_ok=True)
-  rows = table_rows(by_exp, baseline)
+  best, lr_means = at_best_lr(by_exp)
+  rows = table_rows(best, baseline)
   table = markdown_table(rows, about, params)
-  md, csv_path, png = (os.path.join(out_dir, f'{name}_{corpus}.{ext}') for name, ext in
-                       (('results', 'md'), ('results', 'csv'), ('loss', 'png')))
+  several = len({lr for by_lr in lr_means.values() for lr in by_lr}) > 1
+  lrs = lr_table(lr_means) if several else ''
+  md, csv_path, runs_path, png = (
+      os.path.join(out_dir, f'{name}_{corpus}.{ext}') for name, ext in
+      (('results', 'md'), ('results', 'csv'), ('runs', 'csv'), ('loss', 'png')))
   with open(md, 'w') as f:
-    f.write(table + '\n')
+    f.write(table + '\n' + (f'\nFinal validation loss per learning rate (mean over seeds):\n\n'
+                            f'{lrs}\n' if lrs else ''))
   write_csv(rows, csv_path)
-  plots.loss_curves(curves(by_exp), png, f'{corpus}: loss per variant (mean over seeds, '
+  write_csv(seed_rows(corpus, by_exp), runs_path, SEED_FIELDS)
+  plots.loss_curves(curves(best), png, f'{corpus}: loss per variant (mean over seeds, '
                     'band = min to max)')
-  return {'rows': rows, 'table': table, 'files': [md, csv_path, png]}
+  return {'rows': rows, 'table': table, 'lr_table': lrs, 'best': best,
+          'files': [md, csv_path, runs_path, png]}
 
 
 def _rel(path: str, start: str) -> str:
@@ -248,6 +338,11 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
            for r in runs if r['wall_s'] is not None]
   n_runs = sum(len(runs) for by_exp in collected.values() for runs in by_exp.values())
   m = cfg['model']
+  rates = sorted({r['lr'] for r in finished})
+  lr_text = (f'AdamW lr {rates[0]:g}' if len(rates) == 1 else
+             f'AdamW, each variant at its best lr of {", ".join(f"{lr:g}" for lr in rates)} (the '
+             'lowest final validation loss averaged over seeds; chosen on the same validation '
+             'tokens the tables report, so slightly optimistic for every variant alike)')
   lines = [
       '# Results', '',
       f'Generated by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} '
@@ -261,32 +356,44 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
       f'(parameter counts per variant in the tables).',
       f'- Training: {cfg["train"]["num_steps"]} steps x batch {cfg["train"]["batch_size"]} x '
       f'{cfg["data"]["seq_len"]} tokens = {any_run["tokens_seen"]:,} tokens seen per run; '
-      f'AdamW lr {cfg["optim"]["lr"]}, {cfg["optim"]["schedule"]} schedule, '
+      f'{lr_text}, {cfg["optim"]["schedule"]} schedule, '
       f'{cfg["optim"]["warmup_steps"]} warmup steps.',
       f'- Evaluation: the final evaluation of each run on {int(any_run["eval_tokens"] or 0):,} '
       'validation tokens (the same tokens for every run of a corpus).',
       f'- {n_runs} runs, {sum(walls) / 3600:.2f} h of wall time in total '
       f'({np.mean(walls) if walls else math.nan:.0f} s per run on average).'
       + (f' {note}' if note else ''),
-      f'- Seeds: seed s sets the initialisation and the data order. Table: mean ± sample std over '
-      f'seeds; Δ = mean − mean of `{baseline}`, ± its standard error; "beyond 2 SE" marks a '
-      'difference larger than twice that standard error.', '',
+      '- Seeds: seed s sets the data order and the initialisation, the same for every variant: '
+      'the same batches, and the same initial values of the weights the variants share '
+      '(embedding, attention, MLP, output head). So the runs of one seed are paired. Table: mean '
+      f'± sample std over seeds; paired Δ = mean over the paired seeds of (variant − `{baseline}`)'
+      ', ± its paired standard error (std of the per-seed differences / sqrt(pairs)); the '
+      'unpaired Δ (difference of means, ± the Welch standard error) beside it; "beyond 2 SE" '
+      'marks a paired difference larger than twice its standard error. Per-seed final metrics: '
+      'runs_<corpus>.csv beside the tables.', '',
   ]
   if discussion:
     lines += ['## Discussion', '', discussion, '']
   for corpus, result in corpus_results.items():
     loss_png = next(p for p in result['files'] if p.endswith('.png'))
+    pairs = sorted({s for r in result['rows'] for s in r['paired_seeds'].split()}, key=int)
     lines += [f'## Corpus: {corpus}', '', result['table'], '',
-              f'![loss curves]({_rel(loss_png, start)})', '']
+              f'Paired seeds (each with `{baseline}`): {", ".join(pairs) or "none"}; the seeds '
+              'column lists them per variant.', '']
+    if result['lr_table']:
+      lines += ['Final validation loss per learning rate (mean over seeds; bold: the rate the '
+                'table reports):', '', result['lr_table'], '']
+    lines += [f'![loss curves]({_rel(loss_png, start)})', '']
     summary = [r for r in result['rows'] if r['variant'] != baseline]
     lower = [r['variant'] for r in summary if r['verdict'].startswith('lower')]
     higher = [r['variant'] for r in summary if r['verdict'].startswith('higher')]
     noise = [r['variant'] for r in summary if r['verdict'].startswith('within')]
-    single = [r['variant'] for r in summary if r['verdict'].startswith('one seed')]
+    single = [r['variant'] for r in summary if r['verdict'].startswith('one paired')]
     lines += [f'Measured on {corpus}: lower eval loss than `{baseline}` beyond 2 SE: '
               f'{", ".join(lower) or "none"}; higher beyond 2 SE: {", ".join(higher) or "none"}; '
               f'within seed noise: {", ".join(noise) or "none"}'
-              + (f'; one seed, spread unknown: {", ".join(single)}' if single else '') + '.', '']
+              + (f'; one paired seed, spread unknown: {", ".join(single)}' if single else '')
+              + '.', '']
     files = analysis_files.get(corpus, [])
     if files:
       lines += [f'### Analyses ({corpus}, seed 0 of each variant, '
@@ -301,7 +408,9 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
       by_variant = {}
       for p in files:
         if not os.path.basename(p).startswith('compare_'):
-          by_variant.setdefault(os.path.basename(os.path.dirname(p)), []).append(p)
+          parts = p.split(os.sep)  # .../analysis/<variant>[/lr<lr>]/<plot>.png
+          variant = parts[len(parts) - 1 - parts[::-1].index('analysis') + 1]
+          by_variant.setdefault(variant, []).append(p)
       lines += [f'- {variant}: ' + ' · '.join(
           f'[{os.path.basename(p).rsplit("_", 1)[0]}]({_rel(p, start)})' for p in pngs)
                 for variant, pngs in by_variant.items()]
