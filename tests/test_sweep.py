@@ -1,5 +1,6 @@
-"""Sweeps: paper configs, planning and commands, skip-finished logic, table math and the report
-generator on synthetic run directories (nothing is trained here)."""
+"""Sweeps: paper configs, planning and commands, pairing by seed, skip-finished logic, table math
+and the report generator on synthetic run directories, and stopping real sweeps of tiny runs by
+signal."""
 
 import csv
 import json
