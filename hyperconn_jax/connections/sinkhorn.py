@@ -13,13 +13,14 @@ def sinkhorn(logits_xNxN: jax.Array, iters: int) -> jax.Array:
   logits are.
 
   The first (T_c, T_r) pair runs in the log domain (subtract a max-shifted log-sum-exp over the row
-  index, then over the column index): exp(logits) itself is never formed, so no entry underflows
-  against another row's or column's scale. After that pair every column and row sum lies in
-  [1/N, N] and stays there (each step divides by sums of a matrix whose rows or columns sum to 1),
-  so the remaining steps divide in the linear domain, as exact in float32 and several times
-  cheaper than a log-sum-exp per step. Only entries below float32's range (1e-38) are lost there;
-  each step scales an entry by at most N, so they stay below 1e-38 * N^(2 iters) (1e-15 at N = 4,
-  iters = 20).
+  index, then take a max-shifted softmax over the column index): exp(logits) itself is never
+  formed, so no entry underflows against another row's or column's scale. After that pair every
+  column and row sum lies in [1/N, N] and stays there (each step divides by sums of a matrix whose
+  rows or columns sum to 1), so the remaining steps divide in the linear domain: as exact in
+  float32, and far cheaper than a log-sum-exp per step (an all-log-domain loop measured about 13x
+  slower forward, 1.2x to 1.5x forward + backward, on CPU). Only entries below float32's range
+  (1e-38) are lost there; each step scales an entry by at most N, so they stay below
+  1e-38 * N^(2 iters) (1e-15 at N = 4, iters = 20).
 
   Args:
     logits_xNxN: [..., N, N] logits, any float dtype.
@@ -36,7 +37,7 @@ def sinkhorn(logits_xNxN: jax.Array, iters: int) -> jax.Array:
   nd = logits_xNxN.ndim
   logits_NxNx = jnp.moveaxis(logits_xNxN.astype(jnp.float32), (nd - 2, nd - 1), (0, 1))
   log_m = logits_NxNx - _logsumexp_keepdims(logits_NxNx, axis=0)  # Columns: over the row index.
-  m = jnp.exp(log_m - _logsumexp_keepdims(log_m, axis=1))  # Rows.
+  m = _softmax_keepdims(log_m, axis=1)  # Rows: exp(log_m) / its row sums.
 
   def step(_, m):
     m = m / _fold(jnp.add, _slices(m, axis=0))
@@ -47,11 +48,22 @@ def sinkhorn(logits_xNxN: jax.Array, iters: int) -> jax.Array:
 
 
 def _logsumexp_keepdims(a: jax.Array, axis: int) -> jax.Array:
-  """log(sum(exp(a))) over a short axis (keepdims), shifted by its max so exp stays in range."""
-  slices = _slices(a, axis)
-  # The shift cancels in value and gradient; stopping it spares the max's backward.
-  top = jax.lax.stop_gradient(_fold(jnp.maximum, slices))
-  return top + jnp.log(_fold(jnp.add, [jnp.exp(s - top) for s in slices]))
+  """log(sum(exp(a))) over a short axis (keepdims)."""
+  top, e = _shifted_exp(a, axis)
+  return top + jnp.log(_fold(jnp.add, _slices(e, axis)))
+
+
+def _softmax_keepdims(a: jax.Array, axis: int) -> jax.Array:
+  """exp(a) / sum(exp(a)) over a short axis."""
+  _, e = _shifted_exp(a, axis)
+  return e / _fold(jnp.add, _slices(e, axis))
+
+
+def _shifted_exp(a: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """(max of a over the axis (keepdims), exp(a - that max)): exp stays in range."""
+  # The shift cancels in the value and gradient of both callers; stopping it spares its backward.
+  top = jax.lax.stop_gradient(_fold(jnp.maximum, _slices(a, axis)))
+  return top, jnp.exp(a - top)
 
 
 def _slices(a: jax.Array, axis: int) -> list[jax.Array]:
