@@ -5,6 +5,7 @@
   python sweep.py --suite=hc_table1 --size=paper --print_commands   # one train.py line per run
   python sweep.py --suite=dhc4,mhc4 --seeds=2 --set=train.num_steps=100 --workroot=/tmp/sw
   python sweep.py --suite=report --jobs=12 ...   # 12 train.py processes at once (e.g. one GPU)
+  python sweep.py --suite=mhc_vs_hc --lr_grid=1e-3,3e-3,6e-3 ...   # each variant at its best lr
 
 The report (docs/results.md; hours on a 2-core CPU):
 
@@ -13,9 +14,11 @@ The report (docs/results.md; hours on a 2-core CPU):
     --out=docs/results --report=docs/results.md
 
 Runs go to WORKROOT/<corpus>/<experiment>/seed<s>; finished runs are skipped and unfinished ones
-resume, so the same command continues an interrupted sweep. With --print_commands nothing is
-trained: run the printed commands anywhere (they share WORKROOT), then run the sweep command
-again without --print_commands to collect the results. A corpus given as one text file is split
+resume, so the same command continues an interrupted sweep. SIGTERM or a second Ctrl-C stops the
+sweep after the runs in training have saved a checkpoint (the first Ctrl-C: after they finish) and
+prints that command. With --print_commands nothing is trained: run the printed commands anywhere
+(they share WORKROOT), then run the sweep command again without --print_commands to collect the
+results. A corpus given as one text file is split
 into parts under WORKROOT/corpora/ (hyperconn_jax/sweep.py).
 """
 
@@ -79,8 +82,7 @@ def _analyze(collected, out_dir):
         continue
       run = runs[0]['run']
       step = sweep.num_steps(run.workdir)  # A finished run's last checkpoint.
-      exp_dir = os.path.join(corpus_dir, 'analysis', exp,
-                             *([] if run.lr is None else [f'lr{run.lr:g}']))
+      exp_dir = os.path.join(corpus_dir, 'analysis', exp, *run.lr_dirs)
       r = runner.read_written(exp_dir, str(step)) or runner.analyze_checkpoint(
           run.workdir, step, num_batches=_ANALYSIS_BATCHES.value, out_dir=exp_dir, label=exp)
       results[exp] = r

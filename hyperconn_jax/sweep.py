@@ -69,9 +69,13 @@ class Run:
     return f'experiment={self.experiment},size={self.size}'
 
   @property
+  def lr_dirs(self) -> tuple[str, ...]:
+    """The workdir's path part for the learning rate below the experiment: () or ('lr<lr>',)."""
+    return () if self.lr is None else (f'lr{self.lr:g}',)
+
+  @property
   def name(self) -> str:
-    lr = '' if self.lr is None else f'/lr{self.lr:g}'
-    return f'{self.corpus.name}/{self.experiment}{lr}/seed{self.seed}'
+    return '/'.join((self.corpus.name, self.experiment, *self.lr_dirs, f'seed{self.seed}'))
 
   def all_overrides(self) -> tuple[tuple[str, Any], ...]:
     lr = () if self.lr is None else (('optim.lr', self.lr),)
@@ -163,11 +167,10 @@ def plan(experiments: tuple[str, ...], seeds: int, corpora: list[Corpus], workro
     if not lr > 0:
       raise ValueError(f'--lr_grid: {lr!r} is not a learning rate > 0')
   root = os.path.abspath(workroot)
-  return [Run(corpus, exp, seed, os.path.join(root, corpus.name, exp,
-                                              *([] if lr is None else [f'lr{lr:g}']),
-                                              f'seed{seed}'), size, overrides, lr)
-          for corpus in corpora for exp in experiments for lr in (lr_grid or (None,))
-          for seed in range(seeds)]
+  runs = [Run(corpus, exp, seed, '', size, overrides, lr) for corpus in corpora
+          for exp in experiments for lr in (lr_grid or (None,)) for seed in range(seeds)]
+  return [dataclasses.replace(run, workdir=os.path.join(root, *run.name.split('/')))
+          for run in runs]
 
 
 def make_config(run: Run):
