@@ -124,8 +124,11 @@ def test_mhc_gain_stays_near_one_while_hc_grows():
     conn.static_alpha[...] = jnp.asarray(a)
   mhc_gain = diagnostics.gain(tokens_of(mhc_model))
   hc_gain = diagnostics.gain(tokens_of(hc_model))
+  # Rows sum to 1 exactly (Sinkhorn ends on them): forward gain 1. Columns of these spread logits
+  # (bias std 3) are 20 iterations' balance from 1, a percent or so per layer, so the backward
+  # gain (max column sum) compounds to about 1.05 here; HC's grows far more.
   np.testing.assert_allclose(mhc_gain['composite_forward'], 1.0, atol=1e-4)
-  np.testing.assert_allclose(mhc_gain['composite_backward'], 1.0, atol=0.05)
+  np.testing.assert_allclose(mhc_gain['composite_backward'], 1.0, atol=0.1)
   assert hc_gain['composite_forward'][-1] > 2.0
   assert np.all(np.diff(hc_gain['composite_forward']) > 0)
   # The single-layer gain of this A_r: row sums 1.2 + 0.1 * (a uniform sum over 4 entries).
