@@ -146,9 +146,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       # 'stdlib' (embedded corpus: the running interpreter's standard library sources) |
-      # 'text_files' (data.text_glob) | any prepared TFDS dataset name ('lm1b', 'c4', ...).
+      # 'text_files' (data.text_glob) | 'tokens' (token shards written by
+      # `python -m hyperconn_jax.data.prepare`, at data.data_dir) | any prepared TFDS dataset name
+      # ('lm1b', 'c4', ...).
       dataset='stdlib',
-      # Where TFDS datasets are prepared / found ('' -> ~/tensorflow_datasets).
+      # Where TFDS datasets are prepared / found ('' -> ~/tensorflow_datasets); for 'tokens' the
+      # shards' directory. Any etils.epath path (gs://... too).
       data_dir='',
       # For 'text_files': a glob of paths to text files.
       text_glob='',
@@ -156,24 +159,38 @@ def get_config() -> ml_collections.ConfigDict:
       text_key='text',
       train_split='train',
       eval_split='validation',
-      # 'bytes' | 'sentencepiece' (data.spm_path).
+      # 'bytes' | 'sentencepiece' | 'huggingface' (HF `tokenizers` file, e.g. GPT-NeoX-20B's
+      # tokenizer.json), with its model file in tokenizer_path (any etils.epath path). 'tokens'
+      # shards must have been made with the same tokenizer.
       tokenizer='bytes',
-      spm_path='',
+      tokenizer_path='',
       seq_len=256,
-      # 'stdlib' / 'text_files': fraction of the files (by a stable hash of the path) in validation.
+      # 'stdlib' / 'text_files' / prepare: fraction of the documents (by a stable hash of each
+      # document's key) in validation.
       eval_fraction=0.03,
+      # 'text_files' / prepare from text: a document longer than this many characters is cut, after
+      # line breaks, into pieces of at most this size, each a document of its own (for the split
+      # too, so one huge file still gives a validation split); 0: never cut.
+      piece_chars=16384,
+      # Training stops before compiling when the eval split has fewer tokens than this (a tiny
+      # split gives evaluations that look normal and mean nothing). 0: one global batch,
+      # train.batch_size * data.seq_len.
+      min_eval_tokens=0,
       shuffle_seed=0,
       # Train only: packed sequences are also shuffled within windows of this many sequences, so a
       # batch mixes several documents (long files give many consecutive sequences); <= 1: off.
       # (grain's index shuffle costs milliseconds per sequence for windows below ~100.)
       shuffle_window=1024,
+      # Threads per process that read (and, for text, tokenize) documents ahead of the packer.
+      read_threads=8,
       # Grain worker processes (0: read in the main process).
       worker_count=0,
-      # Train: the documents are split into this many shards, each read by one process and packed
-      # and shuffled on its own; a global batch takes train.batch_size / num_shards rows from each
-      # shard in shard order. 0: one shard per process (the batches then depend on the process
-      # count). A fixed value (a multiple of every process count used) gives the same batches, so
-      # the same run, on any number of processes; e.g. 2 on one process equals 2 x 1 on two.
+      # Train: the documents are split into this many shards (contiguous ranges), each read by one
+      # process and packed and shuffled on its own; a global batch takes
+      # train.batch_size / num_shards rows from each shard in shard order. 0: one shard per process
+      # (the batches then depend on the process count). A fixed value (a multiple of every process
+      # count used) gives the same batches, so the same run, on any number of processes; e.g. 2 on
+      # one process equals 2 x 1 on two, and a run may resume on another process count.
       num_shards=0,
       # Image classification (model.name='vit'): data.dataset is 'digits' (embedded: scikit-learn's
       # 8x8 handwritten digits, no download) or a prepared TFDS image dataset ('cifar10',

@@ -94,7 +94,7 @@ BAD_VALUES = [
     ('data.train_split', '', {}),
     ('data.eval_split', '', {}),
     ('data.tokenizer', 'wordpiece', {}),
-    ('data.spm_path', '', {'data.tokenizer': 'sentencepiece'}),
+    ('data.tokenizer_path', '', {'data.tokenizer': 'sentencepiece'}),
     ('data.seq_len', 0, {}),
     ('data.eval_fraction', 0.0, {}),
     ('data.shuffle_seed', -1, {}),

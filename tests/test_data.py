@@ -139,7 +139,7 @@ def test_sentencepiece_tokenizer(corpus, tmp_path):
       character_coverage=1.0, minloglevel=2)
   data_config = base.get_config().data
   data_config.tokenizer = 'sentencepiece'
-  data_config.spm_path = str(tmp_path / 'spm.model')
+  data_config.tokenizer_path = str(tmp_path / 'spm.model')
   tokenizer = data.get_tokenizer(data_config)
   assert tokenizer.vocab_size == 200
   text = 'd003 d003 é\nd017'
@@ -155,8 +155,8 @@ def test_sentencepiece_tokenizer(corpus, tmp_path):
 def test_sentencepiece_errors(monkeypatch, tmp_path):
   data_config = base.get_config().data
   data_config.tokenizer = 'sentencepiece'
-  data_config.spm_path = str(tmp_path / 'missing.model')
-  with pytest.raises(ValueError, match='data.spm_path.*no such'):
+  data_config.tokenizer_path = str(tmp_path / 'missing.model')
+  with pytest.raises(ValueError, match='data.tokenizer_path.*no such'):
     data.get_tokenizer(data_config)
   monkeypatch.setitem(sys.modules, 'sentencepiece', None)  # import fails as if not installed
   with pytest.raises(ValueError, match='pip install sentencepiece'):
@@ -167,8 +167,9 @@ def test_sentencepiece_errors(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize('overrides, match', [
-    (dict(tokenizer='wordpiece'), r"data.tokenizer='wordpiece'.*'bytes', 'sentencepiece'"),
-    (dict(tokenizer='sentencepiece', spm_path=''), r"data.spm_path=''"),
+    (dict(tokenizer='wordpiece'),
+     r"data.tokenizer='wordpiece'.*'bytes', 'sentencepiece', 'huggingface'"),
+    (dict(tokenizer='sentencepiece', tokenizer_path=''), r"data.tokenizer_path=''"),
     (dict(seq_len=0), r'data.seq_len=0; expected an int >= 1'),
     (dict(shuffle_seed=2**32), r'data.shuffle_seed=4294967296; expected an int in \[0, '),
     (dict(eval_fraction=0.0), r'data.eval_fraction=0.0'),
@@ -182,12 +183,16 @@ def test_sentencepiece_errors(monkeypatch, tmp_path):
     (dict(data_dir=None), r'data.data_dir=None'),
     (dict(text_glob=''), r"data.text_glob=''"),
     (dict(text_glob='/nonexistent/dir/*.txt'), r'data.text_glob=.*matches 0 file'),
-    (dict(text_glob='ONE_FILE'), r'data.text_glob=.*matches 1 file'),
+    (dict(tokenizer='huggingface'), r"data.tokenizer_path=''"),
+    (dict(dataset='tokens', data_dir=''), r"data.data_dir='' but data.dataset='tokens'"),
+    (dict(read_threads=0), r'data.read_threads=0; expected an int >= 1'),
+    (dict(piece_chars=-1), r'data.piece_chars=-1'),
+    (dict(min_eval_tokens=-1), r'data.min_eval_tokens=-1'),
+    (dict(crop_min_area=0), r'data.crop_min_area=0'),
+    (dict(mixup_alpha=-1.0), r'data.mixup_alpha=-1.0'),
 ])
 def test_validate_rejects(overrides, match, corpus, data_dir):
   config = _config(corpus[0], data_dir, **overrides)
-  if config.data.text_glob == 'ONE_FILE':
-    config.data.text_glob = corpus[0].replace('*', 'doc_001')
   with pytest.raises(ValueError, match=match):
     data.validate(config.data)
 
@@ -223,11 +228,12 @@ def test_text_files_config_follows_the_files(tmp_path):
   for i in range(3):
     (tmp_path / f'{i}.txt').write_text(f'text {i}')
   pattern = str(tmp_path / '*.txt')
-  name = builders.text_files_config(pattern, 0.2).name
-  assert builders.text_files_config(pattern, 0.2).name == name
-  assert builders.text_files_config(pattern, 0.3).name != name
+  name = builders.text_files_config(pattern, 0.2, 100).name
+  assert builders.text_files_config(pattern, 0.2, 100).name == name
+  assert builders.text_files_config(pattern, 0.3, 100).name != name
+  assert builders.text_files_config(pattern, 0.2, 50).name != name
   (tmp_path / '1.txt').write_text('changed, longer text')
-  assert builders.text_files_config(pattern, 0.2).name != name
+  assert builders.text_files_config(pattern, 0.2, 100).name != name
 
 
 def test_prepare_cli_and_concurrent_preparation(corpus, tmp_path, monkeypatch, capsys):
@@ -497,7 +503,7 @@ def test_shards_must_fit_processes_and_batch(config):
     data.make_train_iterator(config)
   config.data.num_shards = -1
   with pytest.raises(ValueError, match=r'data.num_shards=-1; expected an int >= 0'):
-    data.make_train_iterator(config)
+    data.validate(config.data)
 
 
 # The eval pipeline.

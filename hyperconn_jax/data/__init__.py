@@ -1,14 +1,17 @@
-"""Data: TFDS builders (stdlib corpus, text files) or any prepared TFDS dataset, read through
-tfds data sources and grain (no TensorFlow). Classifiers (model.name='vit') read images instead
+"""Data: pre-tokenized token shards ('tokens', written by prepare.py), TFDS builders (stdlib corpus,
+text files) or any prepared TFDS dataset, read through grain (no TensorFlow). Classifiers (model.name='vit') read images instead
 (images.py: the embedded 'digits' or a prepared TFDS image dataset); the functions below dispatch.
 
   get_tokenizer(data_config) -> Tokenizer
-  validate(data_config)                     ValueError naming the bad config.data field
-  ensure_prepared(config)                   prepares 'stdlib' / 'text_files'; explains the rest
+  validate(data_config)                     ValueError naming the bad config.data field (run once,
+                                            by config_lib.validate / prepare)
+  ensure_prepared(config)                   prepares 'stdlib' / 'text_files', explains the rest,
+                                            checks token shards' tokenizer and the eval split size
   make_train_iterator(config, *, process_index=0, process_count=1) -> grain DatasetIterator
   make_eval_iterator(config, *, process_index=0, process_count=1, num_batches) -> DatasetIterator
 
-Prepare from the command line with `python -m hyperconn_jax.data.prepare` (see prepare.py).
+Prepare (token shards from text / jsonl / parquet files or a TFDS dataset, or a TFDS dataset) from the
+command line with `python -m hyperconn_jax.data.prepare` (see prepare.py).
 """
 
 from hyperconn_jax import models
@@ -25,8 +28,14 @@ def _images(config) -> bool:
 
 
 def ensure_prepared(config) -> None:
-  """Prepares the datasets that need no download; explains how to prepare the others."""
-  (images.ensure_prepared if _images(config) else sources.ensure_prepared)(config)
+  """Prepares the datasets that need no download and explains how to prepare the others; for
+  language models also checks token shards' tokenizer and that the eval split holds at least
+  data.min_eval_tokens tokens (ValueError naming the fields otherwise)."""
+  if _images(config):
+    images.ensure_prepared(config)
+  else:
+    sources.ensure_prepared(config)
+    pipeline.check_eval_split(config)
 
 
 def make_train_iterator(config, *, process_index: int = 0, process_count: int = 1):

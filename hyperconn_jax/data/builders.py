@@ -5,11 +5,14 @@ array_record without TensorFlow (checked: `download_and_prepare(file_format='arr
 the shards, `dataset_info.json` and `features.json` with only numpy / array_record installed), and
 they are read back with `builder.as_data_source(split)`, the call behind `tfds.data_source`.
 
-Documents are whole files: each example is {'text': file contents, 'path': path relative to the
-corpus root}. Train and validation are split by file, by a stable hash of that relative path
-(`eval_fraction` of the files go to validation), so the split never depends on the file order, the
-machine or the Python hash seed. Examples are stored in path order (TFDS shuffling disabled);
-training shuffles them itself.
+A document is a file ('stdlib': every file whole). 'text_files' cuts a file longer than
+data.piece_chars characters at line breaks into pieces of at most that size (`split_pieces`), so
+that one huge file still gives a validation split; each example is {'text': the file or piece,
+'path': the file's path relative to the corpus root}. Train and validation are split by document
+(piece), by a stable hash of its key (the relative path, '#' and the piece number for text_files;
+`eval_fraction` of the documents go to validation), so the split never depends on the file order,
+the other files, the machine or the Python hash seed. Examples are stored in path order (TFDS
+shuffling disabled); training shuffles them itself.
 
 What is prepared is part of the builder config name, so a different corpus never reuses stale
 shards: `python_stdlib/py3.11.7-eval0.03` records the interpreter version (the standard library
@@ -115,12 +118,33 @@ def _path_hash(rel_path: str) -> float:
   return int.from_bytes(digest[:8], 'big') / 2.0**64
 
 
-def split_by_path(rel_paths: list[str], eval_fraction: float) -> dict[str, list[str]]:
-  """Assigns files to 'train' / 'validation' by a stable hash of their relative path.
+def in_validation(key: str, eval_fraction: float) -> bool:
+  """Whether the document with this key (e.g. 'file.jsonl#17') is held out for validation."""
+  return _path_hash(key) < eval_fraction
 
-  A file goes to validation when its hash is below eval_fraction. With two files or more, neither
-  split is left empty: the file with the smallest hash goes to validation if none did (the largest
-  to train if all did), which is still a function of the paths alone.
+
+def split_pieces(text: str, piece_chars: int) -> list[str]:
+  """Cuts text into pieces of at most piece_chars characters, after a line break where there is one
+  (else in mid-line); piece_chars <= 0 or a shorter text: [text]. ''.join(pieces) == text."""
+  if piece_chars <= 0 or len(text) <= piece_chars:
+    return [text]
+  pieces, start = [], 0
+  while start < len(text):
+    end = start + piece_chars
+    if end < len(text):
+      line_break = text.rfind('\n', start, end)
+      end = line_break + 1 if line_break >= start else end
+    pieces.append(text[start:end])
+    start = end
+  return pieces
+
+
+def split_by_path(rel_paths: list[str], eval_fraction: float) -> dict[str, list[str]]:
+  """Assigns documents to 'train' / 'validation' by a stable hash of their key (relative path).
+
+  A document goes to validation when its hash is below eval_fraction. With two or more, neither
+  split is left empty: the one with the smallest hash goes to validation if none did (the largest
+  to train if all did), which is still a function of the keys alone.
 
   Args:
     rel_paths: distinct relative paths.
@@ -191,63 +215,77 @@ class TextFilesConfig(tfds.core.BuilderConfig):
 
   Attributes:
     text_glob: the user's glob, made absolute.
-    eval_fraction: fraction of files in validation.
+    eval_fraction: fraction of documents (pieces) in validation.
+    piece_chars: files longer than this are cut into pieces (split_pieces); 0: never.
   """
   text_glob: str = ''
   eval_fraction: float = 0.03
+  piece_chars: int = 0
 
 
-def text_files_config(text_glob: str, eval_fraction: float) -> TextFilesConfig:
+def text_files_config(text_glob: str, eval_fraction: float, piece_chars: int) -> TextFilesConfig:
   """Returns the config of the files matched by text_glob as they are now (see module docstring).
 
   Raises:
-    ValueError: the glob matches fewer than two files (train and validation need one each).
+    ValueError: the glob matches no file.
   """
   pattern = os.path.abspath(os.path.expanduser(text_glob))
   root, rel_paths = expand_glob(pattern)
-  if len(rel_paths) < 2:
-    raise ValueError(
-        f'data.text_glob={text_glob!r} matches {len(rel_paths)} file(s); text_files splits train '
-        'and validation by file, so it needs at least 2 files.')
+  if not rel_paths:
+    raise ValueError(f'data.text_glob={text_glob!r} matches no file.')
   fingerprint = hashlib.sha1()
-  fingerprint.update(f'{pattern}\0{_format_fraction(eval_fraction)}\0'.encode())
+  fingerprint.update(f'{pattern}\0{_format_fraction(eval_fraction)}\0{piece_chars}\0'.encode())
   for rel in rel_paths:
     st = os.stat(os.path.join(root, rel))
     fingerprint.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\0'.encode())
   return TextFilesConfig(
       name='g' + fingerprint.hexdigest()[:16], text_glob=pattern, eval_fraction=eval_fraction,
-      description=f'{len(rel_paths)} files matching {pattern}.')
+      piece_chars=piece_chars, description=f'{len(rel_paths)} files matching {pattern}.')
+
+
+def read_text_file(path: str, what: str) -> str:
+  """The UTF-8 text of a file; ValueError naming the file and `what` matched it if it is not."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    return data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path} (matched by {what}) is not UTF-8 text: {e}. Convert it to UTF-8 or '
+                     'exclude it from the glob.') from None
 
 
 class TextFiles(_LocalBuilder):
-  """The user's own UTF-8 text files (data.text_glob), one example per file."""
+  """The user's own UTF-8 text files (data.text_glob), one example per file or piece of a file."""
 
   DESCRIPTION = 'Text files matched by a glob.'
 
   def _metadata(self) -> dict:
     config = self.builder_config
-    return dict(text_glob=config.text_glob, eval_fraction=config.eval_fraction)
+    return dict(text_glob=config.text_glob, eval_fraction=config.eval_fraction,
+                piece_chars=config.piece_chars)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
-    root, rel_paths = expand_glob(self.builder_config.text_glob)
-    sizes = [os.path.getsize(os.path.join(root, rel)) for rel in rel_paths]
-    if not any(sizes):
-      raise ValueError(
-          f'data.text_glob={self.builder_config.text_glob!r}: all {len(rel_paths)} matched files '
-          'are empty.')
-    splits = split_by_path(rel_paths, self.builder_config.eval_fraction)
-    return {name: self._generate_examples(root, paths) for name, paths in splits.items()}
-
-  def _generate_examples(self, root, rel_paths):
+    config = self.builder_config
+    root, rel_paths = expand_glob(config.text_glob)
+    pieces = {}  # key -> (relative path, piece number)
     for rel in rel_paths:
-      path = os.path.join(root, rel)
-      with open(path, 'rb') as f:
-        data = f.read()
-      try:
-        text = data.decode('utf-8')
-      except UnicodeDecodeError as e:
-        raise ValueError(
-            f'{path} (matched by data.text_glob) is not UTF-8 text: {e}. Convert it to UTF-8 or '
-            'exclude it from the glob.') from None
-      yield rel, {'text': text, 'path': rel}
+      text = read_text_file(os.path.join(root, rel), 'data.text_glob')
+      for k, piece in enumerate(split_pieces(text, config.piece_chars)):
+        if piece:
+          pieces[f'{rel}#{k}'] = (rel, k)
+    if not pieces:
+      raise ValueError(
+          f'data.text_glob={config.text_glob!r}: all {len(rel_paths)} matched files are empty.')
+    splits = split_by_path(list(pieces), config.eval_fraction)
+    return {name: self._generate_examples(root, sorted(pieces[key] for key in keys))
+            for name, keys in splits.items()}
+
+  def _generate_examples(self, root, rel_pieces):
+    texts = {}
+    for rel, k in rel_pieces:
+      if rel not in texts:
+        texts.clear()  # Pieces come in path order: one file at a time in memory.
+        texts[rel] = split_pieces(read_text_file(os.path.join(root, rel), 'data.text_glob'),
+                                  self.builder_config.piece_chars)
+      yield f'{rel}#{k}', {'text': texts[rel][k], 'path': rel}

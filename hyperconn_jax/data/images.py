@@ -33,7 +33,6 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from hyperconn_jax.data import builders
-from hyperconn_jax.data import checks
 from hyperconn_jax.data import pipeline
 from hyperconn_jax.data import sources
 
@@ -86,7 +85,6 @@ def _builder(data_config) -> tfds.core.DatasetBuilder:
 def ensure_prepared(config) -> None:
   """Prepares 'digits' (seconds) if needed; for any other dataset, checks that it is prepared
   (sources.ensure_prepared: raises ValueError with the command that prepares it)."""
-  checks.validate(config.data)
   if config.data.dataset == DIGITS:
     sources.prepare(_builder(config.data))
   else:
@@ -96,7 +94,6 @@ def ensure_prepared(config) -> None:
 def _open_split(config, split: str):
   """Prepares / checks the dataset and returns the split's random-access source."""
   data_config = config.data
-  checks.validate(data_config)
   ensure_prepared(config)
   builder = _builder(data_config)
   if split not in builder.info.splits:
@@ -202,23 +199,11 @@ class _Mixup:
     return out
 
 
-def _check_augmentation(data_config) -> None:
-  checks._check_int('crop_padding', data_config.crop_padding, 0)  # pylint: disable=protected-access
-  area, alpha = data_config.crop_min_area, data_config.mixup_alpha
-  if isinstance(area, bool) or not isinstance(area, (int, float)) or not 0 < area <= 1:
-    raise ValueError(f'data.crop_min_area={area!r}; expected a number in (0, 1].')
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
-    raise ValueError(f'data.mixup_alpha={alpha!r}; expected a number >= 0 (0: no mixup).')
-  if not isinstance(data_config.random_flip, bool):
-    raise ValueError(f'data.random_flip={data_config.random_flip!r}; expected True or False.')
-
-
 def make_train_iterator(config, *, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
   """This process's infinite iterator of augmented training batches (train.batch_size /
   process_count rows); get_state() / set_state() resume it exactly."""
   data_config = config.data
-  _check_augmentation(data_config)
   pipeline._check_process(process_index, process_count)  # pylint: disable=protected-access
   local_batch = pipeline._local_batch_size(  # pylint: disable=protected-access
       config, process_count)

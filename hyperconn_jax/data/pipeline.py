@@ -1,9 +1,12 @@
-"""grain pipelines from a TFDS data source to batches of packed token sequences.
+"""grain pipelines from a data source (token shards or TFDS text) to batches of packed token
+sequences. Token shards are read as they are; text is tokenized on the fly (EOS appended), with
+data.read_threads threads per process.
 
 Train (infinite, checkpointable):
-  the documents are split into data.num_shards shards (document i goes to shard i mod num_shards;
-  0: one shard per process). Each shard: its documents -> shuffle (data.shuffle_seed; every epoch
-  differently) -> repeat -> tokenize (EOS appended) -> concatenate and split into sequences of
+  the documents are split into data.num_shards shards (contiguous ranges of documents, so that a
+  process reading token shards from a bucket touches only the files of its range; 0: one shard per
+  process). Each shard: its documents -> shuffle (data.shuffle_seed; every epoch differently) ->
+  repeat -> tokens -> concatenate and split into sequences of
   seq_len + 1 tokens (grain's ConcatThenSplit) -> shuffle within windows of data.shuffle_window
   sequences -> inputs / targets / weights -> blocks of train.batch_size / num_shards rows.
   A global batch is one block of every shard, in shard order; process p owns the contiguous shards
@@ -18,7 +21,7 @@ Train (infinite, checkpointable):
   grain.checkpoint.CheckpointSave / CheckpointRestore. Train batches never contain padding.
 
 Eval (finite, deterministic, restarts from the beginning on every call):
-  documents in stored order -> tokenize -> concatenate and split (the last sequence padded) ->
+  documents in stored order -> tokens -> concatenate and split (the last sequence padded) ->
   global batches of train.batch_size rows (the last one padded with zero-weight rows) -> rows
   [process_index * b, (process_index + 1) * b) of each, b = train.batch_size / process_count.
   Eval reads in this process (data.worker_count only applies to training). Unlike train, it splits
@@ -40,9 +43,11 @@ from hyperconn_jax.data import checks
 from hyperconn_jax.data import sources
 from hyperconn_jax.data import tokenizers
 
-# Threads reading and tokenizing documents ahead of the packer, per process, and how many
-# documents they may hold.
-_READ_OPTIONS = grain.ReadOptions(num_threads=8, prefetch_buffer_size=128)
+
+def _read_options(data_config) -> grain.ReadOptions:
+  """data.read_threads threads read (and tokenize) documents ahead of the packer."""
+  return grain.ReadOptions(num_threads=data_config.read_threads,
+                           prefetch_buffer_size=16 * data_config.read_threads)
 
 
 class _Tokenize(grain.transforms.Map):
@@ -182,9 +187,11 @@ def _check_process(process_index: int, process_count: int) -> None:
     raise ValueError(f'process_index={process_index} not in [0, process_count={process_count}).')
 
 
-def _open_split(config, split: str, tokenizer: tokenizers.Tokenizer):
-  """Validates config, prepares the dataset if needed and returns the split's source."""
+def _documents(config, split: str) -> grain.MapDataset:
+  """The split's documents as {'tokens': int32 ids, EOS last} (token shards as they are, text
+  tokenized on access), after checking the dataset is prepared and fits the model."""
   data_config = config.data
+  tokenizer = tokenizers.get_tokenizer(data_config)
   if config.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(
         f'model.vocab_size={config.model.vocab_size} is smaller than the vocabulary of '
@@ -193,40 +200,57 @@ def _open_split(config, split: str, tokenizer: tokenizers.Tokenizer):
   source = sources.data_source(data_config, split)
   if not len(source):
     raise ValueError(f'Split {split!r} of data.dataset={data_config.dataset!r} is empty.')
+  docs = grain.MapDataset.source(source)
+  if data_config.dataset == sources.TOKENS:
+    return docs
   example = source[0]
   if data_config.text_key not in example:
     raise ValueError(
         f'data.text_key={data_config.text_key!r} is not a feature of data.dataset='
         f'{data_config.dataset!r}; it has {sorted(example)}.')
-  return source
+  return docs.map(_Tokenize(tokenizer, data_config.text_key))
 
 
-def _check_fills_a_sequence(docs: grain.MapDataset, tokenize: _Tokenize, length: int,
-                            what: str) -> None:
-  """Raises ValueError if docs hold fewer than `length` tokens (reads only as many as needed)."""
+def _count_tokens(docs: grain.MapDataset, limit: int) -> int:
+  """Tokens in docs, counted up to `limit` (reads only as many documents as needed)."""
   total = 0
   for i in range(len(docs)):
-    total += len(tokenize.map(docs[i])['tokens'])
-    if total >= length:
-      return
-  raise ValueError(
-      f'{what} has only {total} tokens, fewer than one training sequence of data.seq_len + 1 = '
-      f'{length} tokens: use a smaller data.seq_len or more data.')
+    total += len(docs[i]['tokens'])
+    if total >= limit:
+      break
+  return total
 
 
-def _shard_sequences(config, source, tokenizer: tokenizers.Tokenizer, shard: int,
+def check_eval_split(config) -> None:
+  """Raises ValueError when the eval split holds fewer than data.min_eval_tokens tokens (0: one
+  global batch, train.batch_size * data.seq_len), naming the fields that change it."""
+  data_config = config.data
+  needed = data_config.min_eval_tokens or config.train.batch_size * data_config.seq_len
+  found = _count_tokens(_documents(config, data_config.eval_split), needed)
+  if found < needed:
+    meaning = '' if data_config.min_eval_tokens else ': 0 means train.batch_size * data.seq_len'
+    raise ValueError(
+        f'The eval split {data_config.eval_split!r} of data.dataset={data_config.dataset!r} has '
+        f'{found} tokens, fewer than data.min_eval_tokens={data_config.min_eval_tokens} '
+        f'({needed} tokens{meaning}); its evaluations would mean little. Hold out more '
+        '(data.eval_fraction; for text, a smaller data.piece_chars cuts long documents into more '
+        'pieces), use more data, or lower data.min_eval_tokens.')
+
+
+def _shard_sequences(config, docs: grain.MapDataset, shard: int,
                      num_shards: int) -> grain.IterDataset:
   """The infinite stream of packed, shuffled examples of one shard of the train documents."""
   data_config = config.data
-  tokenize = _Tokenize(tokenizer, data_config.text_key)
   length = data_config.seq_len + 1
-  docs = grain.MapDataset.source(source)[shard::num_shards]
-  _check_fills_a_sequence(
-      docs, tokenize, length,
-      f'Split {data_config.train_split!r} of data.dataset={data_config.dataset!r} (shard '
-      f'{shard} of {num_shards})')
-  ds = docs.shuffle(seed=data_config.shuffle_seed).repeat().map(tokenize)
-  ds = ds.to_iter_dataset(_READ_OPTIONS)
+  docs = docs[shard * len(docs) // num_shards:(shard + 1) * len(docs) // num_shards]
+  total = _count_tokens(docs, length)
+  if total < length:
+    raise ValueError(
+        f'Split {data_config.train_split!r} of data.dataset={data_config.dataset!r} (shard '
+        f'{shard} of {num_shards}) has only {total} tokens, fewer than one training sequence of '
+        f'data.seq_len + 1 = {length} tokens: use a smaller data.seq_len or more data.')
+  ds = docs.shuffle(seed=data_config.shuffle_seed).repeat()
+  ds = ds.to_iter_dataset(_read_options(data_config))
   ds = grain_experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': length})
   if data_config.shuffle_window > 1:
     ds = grain_experimental.WindowShuffleIterDataset(
@@ -254,20 +278,18 @@ def make_train_iterator(config, *, process_index: int = 0,
       data.num_shards that does not fit the processes or the batch.
   """
   data_config = config.data
-  checks.validate(data_config)
   _check_process(process_index, process_count)
   _local_batch_size(config, process_count)  # Checks the batch divides over the processes.
   num_shards = _num_shards(config, process_count)
-  tokenizer = tokenizers.get_tokenizer(data_config)
-  source = _open_split(config, data_config.train_split, tokenizer)
-  if len(source) < num_shards:
+  docs = _documents(config, data_config.train_split)
+  if len(docs) < num_shards:
     raise ValueError(
         f'Split {data_config.train_split!r} of data.dataset={data_config.dataset!r} has '
-        f'{len(source)} documents, fewer than the {num_shards} shards reading it (data.num_shards, '
+        f'{len(docs)} documents, fewer than the {num_shards} shards reading it (data.num_shards, '
         f'or the number of processes when it is 0).')
   shards_per_process = num_shards // process_count
   first = process_index * shards_per_process
-  blocks = [_shard_sequences(config, source, tokenizer, shard, num_shards).batch(
+  blocks = [_shard_sequences(config, docs, shard, num_shards).batch(
       config.train.batch_size // num_shards, drop_remainder=True)
             for shard in range(first, first + shards_per_process)]
   if shards_per_process == 1:
@@ -318,13 +340,9 @@ def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1
     ValueError: a bad config value or a dataset that is not prepared.
   """
   data_config = config.data
-  checks.validate(data_config)
   _check_process(process_index, process_count)
   local_batch = _local_batch_size(config, process_count)
-  tokenizer = tokenizers.get_tokenizer(data_config)
-  source = _open_split(config, data_config.eval_split, tokenizer)
-  ds = grain.MapDataset.source(source).map(_Tokenize(tokenizer, data_config.text_key))
-  ds = ds.to_iter_dataset(_READ_OPTIONS)
+  ds = _documents(config, data_config.eval_split).to_iter_dataset(_read_options(data_config))
   ds = grain_experimental.ConcatThenSplitIterDataset(
       ds, length_struct={'tokens': data_config.seq_len + 1})
   ds = ds.map(_ToExample()).batch(

@@ -1,4 +1,9 @@
-"""Finding, preparing and opening the TFDS dataset named by config.data.
+"""Finding, preparing and opening the dataset named by config.data: token shards ('tokens') or a
+TFDS dataset.
+
+'tokens' is a directory of pre-tokenized shards written by `prepare` (token_shards.py) at
+data.data_dir, any etils.epath location; `ensure_prepared` checks that they were made with the
+configured tokenizer.
 
 'stdlib' and 'text_files' need no download, so `ensure_prepared` prepares them on first use. Any
 other name is a TFDS dataset ('lm1b', 'c4/en:3.1.0', ...) that the user prepares once as
@@ -17,9 +22,11 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from hyperconn_jax.data import builders
-from hyperconn_jax.data import checks
+from hyperconn_jax.data import token_shards
+from hyperconn_jax.data import tokenizers
 
 PREPARED_HERE = ('stdlib', 'text_files')
+TOKENS = 'tokens'
 
 
 def resolve_data_dir(data_config) -> str:
@@ -31,6 +38,10 @@ def resolve_data_dir(data_config) -> str:
 
 def prepare_command(data_config) -> str:
   """Returns the shell command that prepares the dataset of data_config."""
+  if data_config.dataset == TOKENS:
+    return ("python -m hyperconn_jax.data.prepare --source='FILES_OR_tfds:NAME' "
+            f'--out={data_config.data_dir} --tokenizer={data_config.tokenizer} '
+            f'--tokenizer_path={data_config.tokenizer_path}')
   data_dir = resolve_data_dir(data_config)
   if data_config.dataset == 'stdlib':
     return f'python -m hyperconn_jax.data.prepare --dataset=stdlib --data_dir={data_dir}'
@@ -50,7 +61,8 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
         file_format='array_record')
   if data_config.dataset == 'text_files':
     return builders.TextFiles(
-        config=builders.text_files_config(data_config.text_glob, data_config.eval_fraction),
+        config=builders.text_files_config(data_config.text_glob, data_config.eval_fraction,
+                                          data_config.piece_chars),
         data_dir=data_dir, file_format='array_record')
   try:
     return tfds.builder(data_config.dataset, data_dir=data_dir)
@@ -92,7 +104,9 @@ def ensure_prepared(config) -> None:
       the command that prepares it), or one prepared in a format tfds.data_source cannot read.
   """
   data_config = config.data
-  checks.validate(data_config)
+  if data_config.dataset == TOKENS:
+    token_meta(data_config, tokenizers.get_tokenizer(data_config))
+    return
   data_dir = resolve_data_dir(data_config)
   dataset_builder = builder(data_config)
   if data_config.dataset in PREPARED_HERE:
@@ -115,6 +129,27 @@ def ensure_prepared(config) -> None:
         f'again with:\n  {prepare_command(data_config)}')
 
 
+def token_meta(data_config, tokenizer: tokenizers.Tokenizer) -> dict:
+  """meta.json of the token shards at data.data_dir, checked against the configured tokenizer.
+
+  Raises:
+    ValueError: no finished shards there, or shards made with another tokenizer.
+  """
+  meta = token_shards.read_meta(data_config.data_dir)
+  if meta is None or meta.get('format') != token_shards.FORMAT:
+    raise ValueError(
+        f"data.dataset='tokens' but data.data_dir={data_config.data_dir!r} holds no finished token "
+        f'shards ({token_shards.META} of format {token_shards.FORMAT!r}). Prepare them with:\n'
+        f'  {prepare_command(data_config)}')
+  if meta['tokenizer'] != tokenizer.identity:
+    raise ValueError(
+        f'The token shards in data.data_dir={data_config.data_dir!r} were made with the tokenizer '
+        f"{meta['tokenizer']}, but data.tokenizer={data_config.tokenizer!r} / "
+        f'data.tokenizer_path={data_config.tokenizer_path!r} is {tokenizer.identity}. Train with '
+        'the tokenizer the shards were made with, or prepare them again with this one.')
+  return meta
+
+
 def data_source(data_config, split: str):
   """Returns the random-access source of one split of an already prepared dataset.
 
@@ -123,11 +158,19 @@ def data_source(data_config, split: str):
     split: a split name of the dataset (data.train_split / data.eval_split).
 
   Returns:
-    A sequence of examples (dicts of numpy values / bytes), from `builder.as_data_source(split)`.
+    A sequence of examples (dicts of numpy values / bytes), from `builder.as_data_source(split)`;
+    for 'tokens' a TokenSource ({'tokens': int32 ids}).
 
   Raises:
     ValueError: the split does not exist or the prepared files cannot be read.
   """
+  if data_config.dataset == TOKENS:
+    meta = token_shards.read_meta(data_config.data_dir)
+    if split not in meta['splits']:
+      raise ValueError(
+          f'Split {split!r} (data.train_split / data.eval_split) not in the token shards in '
+          f"data.data_dir={data_config.data_dir!r}; they have {sorted(meta['splits'])}.")
+    return token_shards.TokenSource(data_config.data_dir, meta, split)
   data_dir = resolve_data_dir(data_config)
   dataset_builder = builder(data_config)
   if not dataset_builder.is_prepared():
