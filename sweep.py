@@ -18,8 +18,8 @@ resume, so the same command continues an interrupted sweep. SIGTERM or a second 
 sweep after the runs in training have saved a checkpoint (the first Ctrl-C: after they finish) and
 prints that command. With --print_commands nothing is trained: run the printed commands anywhere
 (they share WORKROOT), then run the sweep command again without --print_commands to collect the
-results. A corpus given as one text file is split
-into parts under WORKROOT/corpora/ (hyperconn_jax/sweep.py).
+results. A corpus is 'stdlib', a text file or a glob of text files
+(data.dataset='text_files').
 """
 
 import os
@@ -123,7 +123,7 @@ def main(argv):
   workroot = _WORKROOT.value or os.path.join('workdirs', 'sweeps', _SUITE.value.replace(',', '_'))
   with cli.usage_errors():
     experiments = sweep.suite(_SUITE.value)
-    corpora = [sweep.prepare_corpus(spec, workroot) for spec in _CORPORA.value]
+    corpora = [sweep.prepare_corpus(spec) for spec in _CORPORA.value]
     runs = sweep.plan(experiments, _SEEDS.value, corpora, workroot, size=_SIZE.value,
                       overrides=sweep.parse_overrides(_SET.value, _SIZE.value),
                       lr_grid=_lr_grid(_LR_GRID.value))

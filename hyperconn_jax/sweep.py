@@ -21,10 +21,9 @@ again resumes. The first Ctrl-C lets the runs in training finish and starts no o
 that arrives while a run in this process is still starting (before its training loop) takes
 effect when that run ends.
 
-A corpus is 'stdlib' (the embedded corpus), a glob of text files (data.dataset='text_files'), or
-a single text file, which `prepare_corpus` splits by lines into SPLIT_PARTS files under
-WORKROOT/corpora/<name>/ (text_files needs two files or more and splits train / validation by
-file; with data.eval_fraction = 1 / SPLIT_PARTS about one part is held out, never zero).
+A corpus is 'stdlib' (the embedded corpus), or a text file or a glob of text files
+(data.dataset='text_files', which splits train / validation by pieces of documents, so a single
+file needs no special case).
 """
 
 import ast
@@ -43,7 +42,6 @@ from configs import paper
 from hyperconn_jax import cli, config_lib
 from hyperconn_jax.data import builders
 
-SPLIT_PARTS = 10
 RUN_FILE = 'sweep_run.json'
 
 
@@ -93,34 +91,19 @@ def suite(name: str) -> tuple[str, ...]:
   return names
 
 
-def prepare_corpus(spec: str, workroot: str) -> Corpus:
-  """'stdlib', a glob of text files, or one text file (split into SPLIT_PARTS parts under
-  WORKROOT/corpora/<file stem>/, once; see the module docstring)."""
+def prepare_corpus(spec: str) -> Corpus:
+  """'stdlib', one text file or a glob of text files (see the module docstring)."""
   if spec == 'stdlib':
     return Corpus('stdlib')
   path = os.path.abspath(os.path.expanduser(spec))
-  if not os.path.isfile(path):
-    if len(glob.glob(path, recursive=True)) < 2:
-      raise ValueError(f'--corpora entry {spec!r} is not stdlib, a text file, or a glob of two '
-                       'text files or more')
+  if os.path.isfile(path):
+    name = os.path.splitext(os.path.basename(path))[0]
+  elif glob.glob(path, recursive=True):
     name = os.path.basename(builders.glob_root(path)) or 'text'
-    return Corpus(name, (('data.dataset', 'text_files'), ('data.text_glob', path)))
-  name = os.path.splitext(os.path.basename(path))[0]
-  out_dir = os.path.join(os.path.abspath(workroot), 'corpora', name)
-  if not os.path.exists(os.path.join(out_dir, f'part_{SPLIT_PARTS - 1:03d}.txt')):
-    with open(path, encoding='utf-8') as f:
-      lines = f.readlines()
-    if len(lines) < SPLIT_PARTS:
-      raise ValueError(f'--corpora entry {spec!r} has {len(lines)} lines; splitting it into '
-                       f'{SPLIT_PARTS} files needs at least that many')
-    os.makedirs(out_dir, exist_ok=True)
-    for i in range(SPLIT_PARTS):
-      chunk = lines[i * len(lines) // SPLIT_PARTS:(i + 1) * len(lines) // SPLIT_PARTS]
-      with open(os.path.join(out_dir, f'part_{i:03d}.txt'), 'w', encoding='utf-8') as f:
-        f.writelines(chunk)
-  return Corpus(name, (('data.dataset', 'text_files'),
-                       ('data.text_glob', os.path.join(out_dir, 'part_*.txt')),
-                       ('data.eval_fraction', 1.0 / SPLIT_PARTS)))
+  else:
+    raise ValueError(f'--corpora entry {spec!r} is not stdlib, a text file, or a glob of text '
+                     'files')
+  return Corpus(name, (('data.dataset', 'text_files'), ('data.text_glob', path)))
 
 
 def parse_overrides(items: list[str], size: str = 'cpu') -> tuple[tuple[str, Any], ...]:

@@ -5,6 +5,8 @@ is the tag 'dNNN' (NNN = i), so the document behind any piece of a batch can be 
 """
 
 import glob
+import gzip
+import hashlib
 import json
 import os
 import re
@@ -21,6 +23,8 @@ from hyperconn_jax import data
 from hyperconn_jax.data import builders
 from hyperconn_jax.data import prepare
 from hyperconn_jax.data import sources
+from hyperconn_jax.data import token_prepare
+from hyperconn_jax.data import token_shards
 from hyperconn_jax.data import tokenizers
 
 NUM_DOCS = 30
@@ -555,3 +559,226 @@ def test_worker_processes_give_the_same_batches(config):
     _assert_same_batches(_take(restored, 7), expected[5:])
   finally:
     restored.close()
+
+
+# Token shards, HF tokenizers, splits by document and the eval-size check.
+
+
+def _train_hf_tokenizer(path, special_tokens=('<|endoftext|>',)) -> str:
+  """A byte-level BPE tokenizer.json (GPT-2 / GPT-NeoX style) of about 320 ids, trained on the
+  test documents."""
+  import tokenizers as hf  # pylint: disable=g-import-not-at-top
+  tok = hf.Tokenizer(hf.models.BPE())
+  tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = hf.decoders.ByteLevel()
+  trainer = hf.trainers.BpeTrainer(vocab_size=320, special_tokens=list(special_tokens),
+                                   initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([_doc_text(i) for i in range(NUM_DOCS)], trainer)
+  tok.save(str(path))
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def hf_path(tmp_path_factory):
+  return _train_hf_tokenizer(tmp_path_factory.mktemp('hf') / 'tokenizer.json')
+
+
+def _hf_data_config(hf_path: str):
+  data_config = base.get_config().data
+  data_config.update(tokenizer='huggingface', tokenizer_path=hf_path)
+  return data_config
+
+
+def test_huggingface_tokenizer(hf_path, tmp_path):
+  tokenizer = data.get_tokenizer(_hf_data_config(hf_path))
+  assert 257 < tokenizer.vocab_size <= 320  # 256 byte ids, EOS, merges
+  text = _doc_text(3) + 'naïve ✓ unseen words\n'
+  ids = tokenizer.encode(text)
+  assert ids.dtype == np.int32 and ids[-1] == tokenizer.eos_id
+  assert len(ids) < len(text.encode('utf-8')) / 1.5  # merges were learned
+  assert tokenizer.decode(ids[:-1]) == text
+  # Bytes per id (byte-level alphabet), for bits per byte: exact, EOS counts 0.
+  assert tokenizer.num_bytes(ids) == len(text.encode('utf-8'))
+  assert tokenizer.identity['sha256'] == hashlib.sha256(open(hf_path, 'rb').read()).hexdigest()
+  assert [list(x) for x in tokenizer.encode_batch([text, 'é'])] == [
+      list(ids), list(tokenizer.encode('é'))]
+  no_eos = _train_hf_tokenizer(tmp_path / 'no_eos.json', special_tokens=('<pad>',))
+  with pytest.raises(ValueError, match=r"none of the end-of-document tokens.*\['<pad>'\]"):
+    data.get_tokenizer(_hf_data_config(no_eos))
+  with pytest.raises(ValueError, match=r'data.tokenizer_path=.*no such huggingface model file'):
+    data.get_tokenizer(_hf_data_config(str(tmp_path / 'missing.json')))
+
+
+def test_split_pieces():
+  text = ''.join(f'line {i}\n' for i in range(100))
+  pieces = builders.split_pieces(text, 50)
+  assert ''.join(pieces) == text and all(len(p) <= 50 for p in pieces)
+  assert all(p.endswith('\n') for p in pieces)  # cut after line breaks
+  assert builders.split_pieces('x' * 120, 50) == ['x' * 50, 'x' * 50, 'x' * 20]
+  assert builders.split_pieces(text, 0) == [text]
+
+
+def test_single_text_file_is_split_by_pieces(tmp_path):
+  book = ''.join(f'line {i}: ' + 'word ' * (i % 13) + '\n' for i in range(2000))
+  (tmp_path / 'book.txt').write_text(book)
+  config = _config(str(tmp_path / 'book.txt'), str(tmp_path / 'tfds'), piece_chars=1000,
+                   eval_fraction=0.1)
+  data.validate(config.data)
+  data.ensure_prepared(config)
+  texts = {split: [x['text'].decode() for x in sources.data_source(config.data, split)]
+           for split in ('train', 'validation')}
+  assert 5 <= len(texts['validation']) and len(texts['train']) > 3 * len(texts['validation'])
+  assert sorted(texts['train'] + texts['validation']) == sorted(
+      builders.split_pieces(book, 1000))
+  # Adding a file does not move the pieces of the other.
+  (tmp_path / 'more.txt').write_text('another file\n' * 300)
+  config.data.text_glob = str(tmp_path / '*.txt')
+  data.ensure_prepared(config)
+  validation = [x['text'].decode() for x in sources.data_source(config.data, 'validation')
+                if x['path'] == b'book.txt']
+  assert validation == texts['validation']
+
+
+def test_tiny_eval_split_is_an_error_before_training(corpus, tmp_path):
+  config = _config(corpus[0], str(tmp_path))
+  data.ensure_prepared(config)  # default: at least one batch, 4 x 32 tokens
+  config.data.min_eval_tokens = 10**6
+  with pytest.raises(ValueError, match=(
+      r"eval split 'validation' .* has \d+ tokens, fewer than data.min_eval_tokens=1000000 .*"
+      r'data.eval_fraction.*data.piece_chars.*lower data.min_eval_tokens')):
+    data.ensure_prepared(config)
+
+
+def _write_sources(root) -> dict[str, str]:
+  """Documents of every source format under root; returns {document key: text}."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  os.makedirs(root / 'sub', exist_ok=True)
+  docs = {}
+  with open(root / 'a.jsonl', 'w') as f:
+    for k, i in enumerate(range(0, 10)):
+      f.write(json.dumps({'text': _doc_text(i), 'id': i}) + '\n')
+      docs[f'a.jsonl#{k}'] = _doc_text(i)
+  with gzip.open(root / 'sub' / 'b.jsonl.gz', 'wt') as f:
+    for k, i in enumerate(range(10, 20)):
+      f.write(json.dumps({'text': _doc_text(i)}) + '\n')
+      docs[f'sub/b.jsonl.gz#{k}'] = _doc_text(i)
+  texts = [_doc_text(i) for i in range(20, 30)]
+  pq.write_table(pa.table({'text': texts, 'n': list(range(10))}), root / 'c.parquet',
+                 row_group_size=4)
+  docs.update({f'c.parquet#{k}': t for k, t in enumerate(texts)})
+  book = ''.join(_doc_text(i) for i in range(30, 40))
+  (root / 'd.txt').write_text(book)
+  docs.update({f'd.txt#{k}': t for k, t in enumerate(builders.split_pieces(book, 600))})
+  return docs
+
+
+def _shard_texts(out, tokenizer, split) -> list[str]:
+  meta = token_shards.read_meta(out)
+  source = token_shards.TokenSource(out, meta, split)
+  texts = []
+  for i in range(len(source)):
+    tokens = source[i]['tokens']
+    assert tokens[-1] == tokenizer.eos_id and (tokens[:-1] != tokenizer.eos_id).all()
+    texts.append(tokenizer.decode(tokens[:-1]))
+  return texts
+
+
+def test_prepare_token_shards_and_train_on_them(hf_path, tmp_path, capsys):
+  docs = _write_sources(tmp_path / 'src')
+  out = tmp_path / 'tokens'
+  prepare.main([f'--source={tmp_path}/src/**/*.*', f'--out={out}', '--tokenizer=huggingface',
+                f'--tokenizer_path={hf_path}', '--eval_fraction=0.25', '--piece_chars=600',
+                '--workers=2'])
+  assert '--config.data.dataset=tokens' in capsys.readouterr().out
+  tokenizer = data.get_tokenizer(_hf_data_config(hf_path))
+  meta = token_shards.read_meta(out)
+  assert meta['tokenizer'] == tokenizer.identity and meta['dtype'] == 'uint16'
+  # Every document once, in validation exactly when its key hashes below eval_fraction.
+  for split in ('train', 'validation'):
+    want = sorted(t for k, t in docs.items()
+                  if builders.in_validation(k, 0.25) == (split == 'validation'))
+    assert sorted(_shard_texts(out, tokenizer, split)) == want
+    assert meta['num_docs'][split] == len(want)
+
+  config = _config('', str(out), dataset='tokens', tokenizer='huggingface', tokenizer_path=hf_path)
+  config.model.vocab_size = 512
+  data.validate(config.data)
+  data.ensure_prepared(config)
+  batches = _take(data.make_train_iterator(config), 30)
+  assert batches[0]['inputs'].shape == (BATCH, SEQ_LEN) and all(b['weights'].all() for b in batches)
+  train_text = tokenizer.decode(_stream(batches))
+  assert _TAG.search(train_text)
+  eval_batches = list(data.make_eval_iterator(config, num_batches=0))
+  eval_tokens = sum(b['weights'].sum() for b in eval_batches)
+  num_tokens = meta['num_tokens']['validation']
+  rows = -(-num_tokens // (SEQ_LEN + 1))
+  assert eval_tokens == num_tokens - rows  # every token, as a target unless first of its row
+
+  # Shards made with another tokenizer are refused before anything is read or compiled.
+  config.data.update(tokenizer='bytes', tokenizer_path='')
+  config.model.vocab_size = 256
+  with pytest.raises(ValueError, match=r"made with the tokenizer .*'huggingface'.*"
+                     r"data.tokenizer='bytes'"):
+    data.ensure_prepared(config)
+  config.data.data_dir = str(tmp_path / 'nothing')
+  with pytest.raises(ValueError, match=r'holds no finished token shards.*\n.*prepare --source='):
+    data.ensure_prepared(config)
+
+
+def _tree(directory) -> dict[str, bytes]:
+  return {os.path.relpath(p, directory): open(p, 'rb').read()
+          for p in glob.glob(os.path.join(directory, '*'))}
+
+
+def test_prepare_resumes_after_interruption(tmp_path, monkeypatch):
+  for i in range(5):
+    (tmp_path / f'{i}.txt').write_text(_doc_text(i) * 3)
+  args = [f'--source={tmp_path}/*.txt', '--piece_chars=300', '--workers=1']
+  prepare.main(args + [f'--out={tmp_path}/clean'])
+  written = []
+  original = token_prepare.write_marker
+
+  def interrupted(out, index, marker):
+    if len(written) == 2:
+      raise KeyboardInterrupt  # killed while tokenizing unit 2: its shards are written, no marker
+    written.append(index)
+    original(out, index, marker)
+
+  monkeypatch.setattr(token_prepare, 'write_marker', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    prepare.main(args + [f'--out={tmp_path}/resumed'])
+  assert not os.path.exists(tmp_path / 'resumed' / token_shards.META)
+  monkeypatch.setattr(token_prepare, 'write_marker', original)
+  done = {name: os.path.getmtime(tmp_path / 'resumed' / token_shards.done_name(i))
+          for i, name in enumerate(written)}
+  prepare.main(args + [f'--out={tmp_path}/resumed'])
+  assert _tree(tmp_path / 'resumed') == _tree(tmp_path / 'clean')
+  assert done == {name: os.path.getmtime(tmp_path / 'resumed' / token_shards.done_name(i))
+                  for i, name in enumerate(written)}  # finished units were not redone
+  with pytest.raises(ValueError, match=r'holds a preparation of another source'):
+    prepare.main([f'--source={tmp_path}/[0-3].txt', f'--out={tmp_path}/resumed'])
+
+
+def test_prepare_from_a_tfds_dataset(tmp_path):
+  tfds_dir = str(tmp_path / 'tfds')
+  ToyLm(data_dir=tfds_dir, file_format='array_record').download_and_prepare()
+  out = str(tmp_path / 'tokens')
+  args = ['--source=tfds:toy_lm', f'--tfds_data_dir={tfds_dir}', '--tfds_splits=train,test',
+          '--text_key=sentence', '--workers=1']
+  prepare.main(args + [f'--out={out}'])
+  tokenizer = tokenizers.ByteTokenizer()
+  source = tfds.builder('toy_lm', data_dir=tfds_dir).as_data_source('train')
+  assert _shard_texts(out, tokenizer, 'train') == [  # in the dataset's stored order
+      source[i]['sentence'].decode() for i in range(40)]
+  assert len(_shard_texts(out, tokenizer, 'validation')) == 8
+  # The same dataset prepared as TFRecord needs TensorFlow (not installed here).
+  (info,) = glob.glob(os.path.join(tfds_dir, 'toy_lm', '*', 'dataset_info.json'))
+  with open(info) as f:
+    content = json.load(f)
+  content['fileFormat'] = 'tfrecord'
+  with open(info, 'w') as f:
+    json.dump(content, f)
+  with pytest.raises(ValueError, match=r'prepared as tfrecord.*pip install tensorflow.*\n.*'
+                     r'tfds build toy_lm --data_dir=DIR --file_format=array_record'):
+    prepare.main(args + [f'--out={tmp_path}/tokens2'])

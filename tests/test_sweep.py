@@ -122,25 +122,18 @@ def test_seed_pairs_data_order_and_shared_initial_weights(tmp_path):
   assert not np.array_equal(weights['prenorm', 0][emb], weights['prenorm', 1][emb])
 
 
-def test_single_file_corpus_is_split_into_parts(tmp_path):
-  text = ''.join(f'line {i}\n' for i in range(95))
+def test_corpora_are_text_files_without_splitting(tmp_path):
   path = tmp_path / 'book.txt'
-  path.write_text(text)
-  corpus = sweep.prepare_corpus(str(path), str(tmp_path / 'root'))
-  assert corpus.name == 'book'
-  overrides = dict(corpus.overrides)
-  parts = sorted(os.listdir(tmp_path / 'root' / 'corpora' / 'book'))
-  assert len(parts) == sweep.SPLIT_PARTS
-  assert ''.join((tmp_path / 'root' / 'corpora' / 'book' / p).read_text() for p in parts) == text
-  assert overrides['data.dataset'] == 'text_files'
-  assert overrides['data.eval_fraction'] == pytest.approx(1 / sweep.SPLIT_PARTS)
-  assert sweep.prepare_corpus('stdlib', str(tmp_path)).overrides == ()
-  glob_corpus = sweep.prepare_corpus(str(tmp_path / 'root' / 'corpora' / 'book' / '*.txt'),
-                                     str(tmp_path))
-  assert glob_corpus.name == 'book'
-  assert dict(glob_corpus.overrides)['data.text_glob'].endswith('book/*.txt')
+  path.write_text(''.join(f'line {i}\n' for i in range(95)))
+  corpus = sweep.prepare_corpus(str(path))
+  assert corpus == sweep.Corpus('book', (('data.dataset', 'text_files'),
+                                         ('data.text_glob', str(path))))
+  assert sweep.prepare_corpus('stdlib').overrides == ()
+  glob_corpus = sweep.prepare_corpus(str(tmp_path / '*.txt'))
+  assert glob_corpus.name == tmp_path.name
+  assert dict(glob_corpus.overrides)['data.text_glob'] == str(tmp_path / '*.txt')
   with pytest.raises(ValueError, match='not stdlib'):
-    sweep.prepare_corpus(str(tmp_path / 'missing.txt'), str(tmp_path))
+    sweep.prepare_corpus(str(tmp_path / 'missing.txt'))
 
 
 def fake_run(workdir, *, config=None, num_steps=20, losses=(3.0, 2.5), final=None):

@@ -22,6 +22,7 @@ through. meta.json is written last.
 """
 
 import dataclasses
+import glob as glob_lib
 import gzip
 import io
 import json
@@ -60,20 +61,24 @@ class Options:
   workers: int = 1
 
 
-def _is_glob_part(part: str) -> bool:
-  return any(c in part for c in '*?[')
+def _is_remote(path: str) -> bool:
+  return '://' in path
 
 
 def expand_source(pattern: str) -> tuple[epath.Path, list[str]]:
-  """(root, sorted relative paths of the files) of a glob, local or in a bucket."""
-  parts = pattern.rstrip('/').split('/')
-  fixed = next((i for i, p in enumerate(parts) if _is_glob_part(p)), len(parts))
-  if fixed == len(parts):  # One file.
-    path = epath.Path(pattern)
-    return path.parent, ([path.name] if path.is_file() else [])
-  root = epath.Path('/'.join(parts[:fixed]) or '/')
-  if not str(root).startswith(('gs://', 's3://')):
-    root = epath.Path(os.path.abspath(os.path.expanduser(str(root))))
+  """(root, sorted relative paths of the files) of a glob: local ('**' recurses) or in a bucket
+  ('*' within one level: a recursive listing of a bucket can take thousands of requests)."""
+  if not _is_remote(pattern):
+    pattern = os.path.abspath(os.path.expanduser(pattern))
+    root = builders.glob_root(pattern)
+    files = [p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p)]
+    return epath.Path(root), sorted(os.path.relpath(p, root) for p in files)
+  if '**' in pattern:
+    raise ValueError(f"--source={pattern!r}: '**' is not supported in a bucket; list each level "
+                     "with '*' (e.g. gs://b/corpus/*/*.parquet).")
+  parts = pattern.split('/')
+  fixed = next((i for i, p in enumerate(parts) if glob_lib.has_magic(p)), len(parts) - 1)
+  root = epath.Path('/'.join(parts[:fixed]))
   files = [p for p in root.glob('/'.join(parts[fixed:])) if p.is_file()]
   return root, sorted(str(p.relative_to(root)) for p in files)
 
