@@ -46,14 +46,16 @@ def tiny(c):
 def _olmo(c, name):
   """OLMo baseline setup (configs/official/OLMo-1B.yaml), which the HC paper keeps.
 
-  Needs a tokenized corpus: the paper's dolma is not in TFDS; set --config.data.dataset and a
-  SentencePiece model (--config.data.spm_path) of at most model.vocab_size pieces.
+  Trains on token shards made with the GPT-NeoX-20B tokenizer (OLMo's and the paper's; the user
+  provides its tokenizer.json): --config.data.data_dir=SHARDS --config.data.tokenizer_path=FILE,
+  both may be gs:// paths (README, 'The paper's corpus'). model.vocab_size 50304 is OLMo's padded
+  embedding size, >= the tokenizer's vocabulary (checked before compiling).
   """
   sizes.apply_size(c.model, name)
   c.model.dtype = 'bfloat16'
   c.model.scan_layers = True
   c.model.remat_policy = 'dots_no_batch'
-  c.data.update(dict(dataset='c4', tokenizer='sentencepiece', seq_len=2048))
+  c.data.update(dict(dataset='tokens', tokenizer='huggingface', seq_len=2048))
   c.optim.update(dict(lr=4e-4 if name == 'olmo_1b' else 3e-4, b1=0.9, b2=0.95, weight_decay=0.1,
                       schedule='cosine', warmup_steps=2000, final_lr_frac=0.1, grad_clip=1.0))
   # 500B tokens at 2048 x 2048 tokens per step (HC section 4).

@@ -37,13 +37,13 @@ def _olmoe(c):
   """OLMoE-1B-7B (OLMoE paper): 4096-token sequences, 1024 per batch (4M tokens), AdamW lr 4e-4
   (0.9, 0.95, wd 0.1), 2500 warmup steps, cosine to 10%; 500B tokens as in the HC paper.
 
-  Needs a tokenized corpus (OLMoE-mix is not in TFDS): set --config.data.dataset and a
-  SentencePiece model of at most model.vocab_size pieces (--config.data.spm_path).
+  Trains on token shards made with the GPT-NeoX-20B tokenizer.json (OLMoE's), as configs/lm.py's
+  OLMo sizes: --config.data.data_dir=SHARDS --config.data.tokenizer_path=FILE.
   """
   sizes.apply_size(c.model, 'olmoe_1b_7b')
   c.model.dtype = 'bfloat16'
   c.model.remat_policy = 'dots_no_batch'
-  c.data.update(dict(dataset='c4', tokenizer='sentencepiece', seq_len=4096))
+  c.data.update(dict(dataset='tokens', tokenizer='huggingface', seq_len=4096))
   c.optim.update(dict(lr=4e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, schedule='cosine',
                       warmup_steps=2500, final_lr_frac=0.1, grad_clip=1.0))
   # 500B tokens at 1024 x 4096 tokens per step.

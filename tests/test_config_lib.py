@@ -101,6 +101,12 @@ BAD_VALUES = [
     ('data.shuffle_window', -2, {}),
     ('data.worker_count', -1, {}),
     ('data.num_shards', -1, {}),
+    ('data.read_threads', 0, {}),
+    ('data.piece_chars', -1, {}),
+    ('data.min_eval_tokens', -1, {}),
+    ('data.crop_padding', -1, {}),
+    ('data.crop_min_area', 0.0, {}),
+    ('data.mixup_alpha', -1.0, {}),
     ('optim.lr', 0.0, {}),
     ('optim.b1', 1.0, {}),
     ('optim.b2', -0.1, {}),
@@ -136,9 +142,8 @@ UNCONSTRAINED = {
     'model.connection.gate_init', 'model.connection.res_offdiag_logit',  # Initial values.
     'model.connection.index_base',  # Any integer: taken modulo n.
 }
-# Checked by the image pipeline (data/images.py) when it starts, still before compilation.
-IMAGE_PIPELINE = {'data.image_key', 'data.label_key', 'data.crop_padding', 'data.crop_min_area',
-                  'data.mixup_alpha'}
+# Checked by the image pipeline (data/images.py) when it opens the dataset, before compilation.
+IMAGE_PIPELINE = {'data.image_key', 'data.label_key'}
 
 
 def _leaves(config, prefix=''):
