@@ -3,7 +3,7 @@
 Each step directory holds the items
   model      {'params': ..., 'rest': ...}: pure nnx states of the nnx.Param and non-Param variables
   opt_state  the optax state
-  data_iter  the grain iterator state of this process (grain.checkpoint.CheckpointSave)
+  data_iter  the grain iterator state of this process (data/iterator_state.py)
   config     the run's config as JSON
   meta       JSON: step, library versions, mesh
 plus orbax's _CHECKPOINT_METADATA (with the step's metrics) and commit marker. Saves are written to
@@ -16,9 +16,11 @@ well as the BestN policy, because orbax persists metrics only when best_fn is se
 must survive restarts.
 
 Restores take abstract targets (jax.ShapeDtypeStruct with shardings), so a checkpoint written on
-one mesh restores onto any other mesh or device count. The data iterator state is per process, so
-a training run resumes only with the process count that wrote the checkpoint (checked first, with
-a clear error); the model alone (eval) restores with any.
+one mesh restores onto any other mesh or device count. The data iterator state is saved per
+process; a training run resumes on another process count only when it is per shard (a fixed
+data.num_shards, data.worker_count = 0: each process takes its shards' states), else only with the
+process count that wrote the checkpoint (checked first, with a clear error); the model alone
+(eval) restores with any.
 
 Damaged steps: `restore_latest` checks each step, newest first, for its commit marker
 (commit_success.txt), orbax's _CHECKPOINT_METADATA and every item directory, then restores it.
@@ -32,13 +34,14 @@ import os
 from typing import Any
 
 from absl import logging
-import grain
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp_lib
+
+from hyperconn_jax.data import iterator_state
 
 PyTree = Any
 _METRIC = 'eval_loss'
@@ -162,7 +165,7 @@ class Checkpointer:
     args = ocp.args.Composite(
         model=ocp.args.StandardSave(model),
         opt_state=ocp.args.StandardSave(opt_state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter),
+        data_iter=iterator_state.Save(data_iter),
         config=ocp.args.JsonSave(config_json),
         meta=ocp.args.JsonSave(dict(meta, step=step)))
     self._manager.save(step, args=args, metrics=metrics, force=True)
@@ -219,12 +222,14 @@ class Checkpointer:
         except Exception as e:  # pylint: disable=broad-except  (any unreadable meta is damage)
           reason = _first_line(f'unreadable meta item ({type(e).__name__}: {e})')
       if (reason is None and data_iter is not None and written_by is not None and
-          written_by != jax.process_count()):
+          written_by != jax.process_count() and not iterator_state.restorable(
+              os.path.join(self.step_directory(step), 'data_iter'), data_iter)):
         raise ValueError(
             f'checkpoint step {step} in {self.directory} was written by {written_by} processes, '
-            f'but this run has {jax.process_count()}: the data iterator state is saved per '
-            f'process and cannot be redistributed. Resume with {written_by} processes (eval.py '
-            'restores the model on any number).')
+            f'but this run has {jax.process_count()}: its data iterator state cannot be '
+            f'redistributed. Resume with {written_by} processes (eval.py restores the model on any '
+            'number); a run started with a fixed data.num_shards and data.worker_count=0 resumes '
+            'on any process count that divides data.num_shards.')
       restored = None
       if reason is None:
         try:
@@ -289,7 +294,7 @@ class Checkpointer:
     if opt_state is not None:
       items['opt_state'] = ocp.args.StandardRestore(opt_state)
     if data_iter is not None:
-      items['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
+      items['data_iter'] = iterator_state.Restore(data_iter)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for damaged files.

@@ -225,7 +225,14 @@ def test_resume_needs_the_process_count_that_saved(tmp_path):
   items['meta'] = {'process_count': 2}
   ckpt.save(1, **items)
   ckpt.wait()
-  with pytest.raises(ValueError, match=r'written by 2 processes, but this run has 1'):
+  # As two processes would have saved it: one state file each, not per shard (a plain iterator).
+  data_dir = tmp_path / 'checkpoints' / '1' / 'data_iter'
+  state = (data_dir / 'process_0-of-1.json').read_text()
+  (data_dir / 'process_0-of-1.json').unlink()
+  for i in range(2):
+    (data_dir / f'process_{i}-of-2.json').write_text(state)
+  with pytest.raises(ValueError, match=r'written by 2 processes, but this run has 1.*cannot be '
+                     r'redistributed.*fixed data.num_shards'):
     ckpt.restore_latest(**targets())
   # The model alone (eval) restores with any number of processes.
   target = targets()

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-import grain
+from etils import epath
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 from configs import base
 from hyperconn_jax import data
 from hyperconn_jax.data import builders
+from hyperconn_jax.data import iterator_state
 from hyperconn_jax.data import prepare
 from hyperconn_jax.data import sources
 from hyperconn_jax.data import token_prepare
@@ -458,12 +459,12 @@ def test_iterator_state_round_trip_through_orbax(config, tmp_path):
   iterator = data.make_train_iterator(config)
   _take(iterator, 9)
   with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
-    manager.save(9, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.save(9, args=ocp.args.Composite(data=iterator_state.Save(iterator)))
     manager.wait_until_finished()
   expected = _take(iterator, 5)
   restored = data.make_train_iterator(config)
   with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
-    manager.restore(9, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    manager.restore(9, args=ocp.args.Composite(data=iterator_state.Restore(restored)))
   _assert_same_batches(_take(restored, 5), expected)
 
 
@@ -508,6 +509,48 @@ def test_shards_must_fit_processes_and_batch(config):
   config.data.num_shards = -1
   with pytest.raises(ValueError, match=r'data.num_shards=-1; expected an int >= 0'):
     data.validate(config.data)
+
+
+def _save_states(directory, iterators) -> None:
+  """The files iterator_state.Save writes when len(iterators) processes save (one each)."""
+  os.makedirs(directory, exist_ok=True)
+  for p, iterator in enumerate(iterators):
+    with open(os.path.join(directory, f'process_{p}-of-{len(iterators)}.json'), 'w') as f:
+      json.dump(iterator.get_state(), f)
+
+
+def test_resume_on_another_process_count_with_fixed_shards(config, tmp_path):
+  config.data.num_shards = 4
+  handler = iterator_state.Handler()
+  # Saved by 2 processes after 5 batches, resumed by 1 (this test's process count).
+  parts = [data.make_train_iterator(config, process_index=p, process_count=2) for p in range(2)]
+  for part in parts:
+    _take(part, 5)
+  _save_states(tmp_path / 'two', parts)
+  resumed = data.make_train_iterator(config)
+  assert iterator_state.restorable(tmp_path / 'two', resumed)
+  handler.restore(epath.Path(tmp_path / 'two'), item=resumed)
+  for batch, a, b in zip(_take(resumed, 4), *[_take(part, 4) for part in parts]):
+    for key in batch:
+      np.testing.assert_array_equal(batch[key], np.concatenate([a[key], b[key]]))
+  # Saved by 1 process, resumed by 2: each takes its shards from the whole state.
+  whole = data.make_train_iterator(config)
+  _take(whole, 3)
+  state = json.loads(json.dumps(whole.get_state()))
+  expected = _take(whole, 4)
+  parts = [data.make_train_iterator(config, process_index=p, process_count=2) for p in range(2)]
+  for part in parts:
+    part.set_state(state)
+  for batch, a, b in zip(expected, *[_take(part, 4) for part in parts]):
+    for key in batch:
+      np.testing.assert_array_equal(batch[key], np.concatenate([a[key], b[key]]))
+  # Other shards (data.num_shards changed, or 0: one per process) cannot be resumed.
+  config.data.num_shards = 2
+  assert not iterator_state.restorable(tmp_path / 'two', data.make_train_iterator(config))
+  config.data.num_shards = 0
+  zero = [data.make_train_iterator(config, process_index=p, process_count=2) for p in range(2)]
+  _save_states(tmp_path / 'zero', zero)
+  assert not iterator_state.restorable(tmp_path / 'zero', data.make_train_iterator(config))
 
 
 # The eval pipeline.

@@ -17,8 +17,10 @@ Train (infinite, checkpointable):
   the same for every process count that divides it (one process with 8 devices and two with 4
   train on identical batches); with 0 they depend on the process count, but a process never runs
   more than one pipeline. The whole state (document position, packing remainder, shuffle window of
-  every shard) is the iterator's get_state() and is saved in checkpoints with
-  grain.checkpoint.CheckpointSave / CheckpointRestore. Train batches never contain padding.
+  every shard) is the iterator's get_state(), kept per shard index, and is saved in checkpoints
+  with iterator_state.Save / Restore. With a fixed data.num_shards and data.worker_count = 0 a
+  run resumes on any process count that divides it (each process takes its shards' states; with
+  worker processes the state is grain's, per worker). Train batches never contain padding.
 
 Eval (finite, deterministic, restarts from the beginning on every call):
   documents in stored order -> tokens -> concatenate and split (the last sequence padded) ->
@@ -115,46 +117,68 @@ class _JsonState(grain.IterDataset):
     return grain_experimental.get_element_spec(self._parent)
 
 
-class _RoundRobinIterator(grain.DatasetIterator):
-  """Yields the next element of each parent in turn (parent 0, 1, ..., 0, 1, ...)."""
+class _ShardsIterator(grain.DatasetIterator):
+  """Yields one block of rows of each shard, concatenated in shard order.
+
+  Its state holds every shard's state by shard index ({'num_shards', 'shards': {'3': ...}}), so the
+  states saved by any number of processes merge into one (merge_states) from which each process
+  of a run with another process count takes its own shards.
+  """
 
   _MUTATES_ELEMENT_SPEC = False
 
-  def __init__(self, parents):
+  def __init__(self, parents, shard_ids: tuple[int, ...], num_shards: int):
     super().__init__(parents)
-    self._next = 0
+    self._shard_ids = shard_ids
+    self._num_shards = num_shards
 
   def __next__(self):
-    element = next(self._parents[self._next])
-    self._next = (self._next + 1) % len(self._parents)
-    return element
+    blocks = [next(parent) for parent in self._parents]
+    return {k: np.concatenate([block[k] for block in blocks]) for k in blocks[0]}
 
   def get_state(self):
-    return {'parents': [parent.get_state() for parent in self._parents], 'next': self._next}
+    return {'num_shards': self._num_shards,
+            'shards': {str(i): p.get_state() for i, p in zip(self._shard_ids, self._parents)}}
 
   def set_state(self, state):
-    for parent, parent_state in zip(self._parents, state['parents']):
-      parent.set_state(parent_state)
-    self._next = state['next']
+    if state.get('num_shards') != self._num_shards:
+      raise ValueError(
+          f"The saved data iterator state is of {state.get('num_shards')} shards, this pipeline "
+          f'reads {self._num_shards} (data.num_shards; 0 means one per process): resume with '
+          'the process count and data.num_shards that wrote it.')
+    for shard, parent in zip(self._shard_ids, self._parents):
+      parent.set_state(state['shards'][str(shard)])
 
 
-class _RoundRobin(grain.IterDataset):
-  """Interleaves several datasets element by element (see _RoundRobinIterator)."""
+class _Shards(grain.IterDataset):
+  """This process's shards, batch by batch (see _ShardsIterator)."""
+
+  def __init__(self, parents, shard_ids: tuple[int, ...], num_shards: int):
+    super().__init__(parents)
+    self._shard_ids = shard_ids
+    self._num_shards = num_shards
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _RoundRobinIterator([parent.__iter__() for parent in self._parents])
+    return _ShardsIterator([parent.__iter__() for parent in self._parents], self._shard_ids,
+                           self._num_shards)
 
   def __str__(self) -> str:
-    return f'_RoundRobin({len(self._parents)} parents)'
+    return f'_Shards({self._shard_ids} of {self._num_shards})'
 
   @property
   def _element_spec(self):
     return grain_experimental.get_element_spec(self._parents[0])
 
 
-def _concat_rows(blocks):
-  """Stacks blocks of rows (dicts of [rows, ...] arrays) into one batch, in order."""
-  return {k: np.concatenate([block[k] for block in blocks]) for k in blocks[0]}
+def merge_states(states: list) -> dict | None:
+  """One state holding every shard of the train iterator states saved by several processes, or
+  None when they cannot be merged (they are not per shard: data.worker_count > 0)."""
+  if not all(isinstance(s, dict) and 'shards' in s for s in states):
+    return None
+  if len({s['num_shards'] for s in states}) != 1:
+    return None
+  return {'num_shards': states[0]['num_shards'],
+          'shards': {k: v for s in states for k, v in s['shards'].items()}}
 
 
 def _num_shards(config, process_count: int) -> int:
@@ -270,7 +294,7 @@ def make_train_iterator(config, *, process_index: int = 0,
   Returns:
     A grain DatasetIterator of batches with train.batch_size / process_count rows (this
     process's rows of the global batch, see the module docstring); its get_state() / set_state()
-    (or grain.checkpoint.CheckpointSave / CheckpointRestore) save and restore its position
+    (or iterator_state.Save / Restore in a checkpoint) save and restore its position
     exactly.
 
   Raises:
@@ -289,13 +313,10 @@ def make_train_iterator(config, *, process_index: int = 0,
         f'or the number of processes when it is 0).')
   shards_per_process = num_shards // process_count
   first = process_index * shards_per_process
-  blocks = [_shard_sequences(config, docs, shard, num_shards).batch(
-      config.train.batch_size // num_shards, drop_remainder=True)
-            for shard in range(first, first + shards_per_process)]
-  if shards_per_process == 1:
-    ds = blocks[0]
-  else:
-    ds = _RoundRobin(blocks).batch(shards_per_process, batch_fn=_concat_rows)
+  shard_ids = tuple(range(first, first + shards_per_process))
+  ds = _Shards([_shard_sequences(config, docs, shard, num_shards).batch(
+      config.train.batch_size // num_shards, drop_remainder=True) for shard in shard_ids],
+               shard_ids, num_shards)
   if data_config.worker_count > 0:
     # grain's worker processes read absl flags; outside an absl app (tests, notebooks) they would
     # be unparsed, so take their defaults.
