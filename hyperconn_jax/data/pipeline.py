@@ -8,7 +8,7 @@ Train (infinite, checkpointable):
   process). Each shard: its documents -> shuffle (data.shuffle_seed; every epoch differently) ->
   repeat -> tokens -> concatenate and split into sequences of
   seq_len + 1 tokens (grain's ConcatThenSplit) -> shuffle within windows of data.shuffle_window
-  sequences -> inputs / targets / weights -> blocks of train.batch_size / num_shards rows.
+  sequences (a permutation per window, seeded by the seed, the shard and the window number) -> inputs / targets / weights -> blocks of train.batch_size / num_shards rows.
   A global batch is one block of every shard, in shard order; process p owns the contiguous shards
   [p * k, (p + 1) * k), k = num_shards / process_count, so its rows of the global batch are rows
   [p * b, (p + 1) * b), b = train.batch_size / process_count [-> data.worker_count worker
@@ -64,13 +64,14 @@ class _Tokenize(grain.transforms.Map):
 
 
 class _ToExample(grain.transforms.Map):
-  """Packed {'tokens', 'tokens_segment_ids', ...} of seq_len + 1 -> inputs / targets / weights."""
+  """Packed {'tokens', 'tokens_segment_ids', ...} of [..., seq_len + 1] (a sequence or a block of
+  them) -> inputs / targets / weights of [..., seq_len]."""
 
   def map(self, packed):
     tokens = packed['tokens']
     # Segment id 0 marks the padding of the last eval sequence.
-    return {'inputs': tokens[:-1], 'targets': tokens[1:],
-            'weights': (packed['tokens_segment_ids'][1:] > 0).astype(np.float32)}
+    return {'inputs': tokens[..., :-1], 'targets': tokens[..., 1:],
+            'weights': (packed['tokens_segment_ids'][..., 1:] > 0).astype(np.float32)}
 
 
 def _slices_as_tuples(state):
@@ -111,6 +112,74 @@ class _JsonState(grain.IterDataset):
 
   def __str__(self) -> str:
     return '_JsonState'
+
+  @property
+  def _element_spec(self):
+    return grain_experimental.get_element_spec(self._parent)
+
+
+class _WindowShuffleIterator(grain.DatasetIterator):
+  """Yields the elements of consecutive windows of an infinite parent, each window in a random
+  order (numpy permutation of seed + window number). grain's WindowShuffle draws every position
+  from its index shuffle (tens of microseconds each, the cost of a whole sequence of the rest of
+  the pipeline); one permutation per window costs nothing per element. The state is the parent's
+  state at the window's start and the position in it: restoring reads the window again."""
+
+  _MUTATES_ELEMENT_SPEC = False
+
+  def __init__(self, parent, window_size: int, seed: tuple[int, ...]):
+    super().__init__(parent)
+    self._window_size = window_size
+    self._seed = seed
+    self._window = 0
+    self._start = None  # The parent's state before the current window (None: not read yet).
+    self._elements = []
+    self._order = []
+    self._pos = 0
+
+  def _read_window(self):
+    self._start = self._parent.get_state()
+    self._elements = [next(self._parent) for _ in range(self._window_size)]
+    self._order = np.random.default_rng((*self._seed, self._window)).permutation(
+        self._window_size)
+
+  def __next__(self):
+    if self._start is None:
+      self._read_window()
+    elif self._pos == self._window_size:
+      self._window += 1
+      self._pos = 0
+      self._read_window()
+    element = self._elements[self._order[self._pos]]
+    self._pos += 1
+    return element
+
+  def get_state(self):
+    if self._start is None:
+      return {'parent': self._parent.get_state(), 'window': self._window, 'pos': 0, 'read': False}
+    return {'parent': self._start, 'window': self._window, 'pos': self._pos, 'read': True}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._window, self._pos = state['window'], state['pos']
+    self._start = None
+    if state['read']:
+      self._read_window()
+
+
+class _WindowShuffle(grain.IterDataset):
+  """See _WindowShuffleIterator."""
+
+  def __init__(self, parent, window_size: int, seed: tuple[int, ...]):
+    super().__init__(parent)
+    self._window_size = window_size
+    self._seed = seed
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _WindowShuffleIterator(self._parent.__iter__(), self._window_size, self._seed)
+
+  def __str__(self) -> str:
+    return f'_WindowShuffle({self._window_size})'
 
   @property
   def _element_spec(self):
@@ -263,7 +332,7 @@ def check_eval_split(config) -> None:
 
 def _shard_sequences(config, docs: grain.MapDataset, shard: int,
                      num_shards: int) -> grain.IterDataset:
-  """The infinite stream of packed, shuffled examples of one shard of the train documents."""
+  """The infinite stream of packed, shuffled sequences of one shard of the train documents."""
   data_config = config.data
   length = data_config.seq_len + 1
   docs = docs[shard * len(docs) // num_shards:(shard + 1) * len(docs) // num_shards]
@@ -277,9 +346,8 @@ def _shard_sequences(config, docs: grain.MapDataset, shard: int,
   ds = ds.to_iter_dataset(_read_options(data_config))
   ds = grain_experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': length})
   if data_config.shuffle_window > 1:
-    ds = grain_experimental.WindowShuffleIterDataset(
-        ds, window_size=data_config.shuffle_window, seed=data_config.shuffle_seed)
-  return ds.map(_ToExample())
+    ds = _WindowShuffle(ds, data_config.shuffle_window, (data_config.shuffle_seed, shard))
+  return ds
 
 
 def make_train_iterator(config, *, process_index: int = 0,
@@ -315,7 +383,8 @@ def make_train_iterator(config, *, process_index: int = 0,
   first = process_index * shards_per_process
   shard_ids = tuple(range(first, first + shards_per_process))
   ds = _Shards([_shard_sequences(config, docs, shard, num_shards).batch(
-      config.train.batch_size // num_shards, drop_remainder=True) for shard in shard_ids],
+      config.train.batch_size // num_shards, drop_remainder=True).map(_ToExample())
+                for shard in shard_ids],
                shard_ids, num_shards)
   if data_config.worker_count > 0:
     # grain's worker processes read absl flags; outside an absl app (tests, notebooks) they would

@@ -95,7 +95,8 @@ class _Shard:
       if not ends.size:
         self._tokens = np.zeros(0, self._dtype)
       elif os.path.isabs(str(tokens)):  # Local: the OS pages in what is read.
-        self._tokens = np.memmap(str(tokens), self._dtype, mode='r')
+        # A plain array over the map: slices of a np.memmap are memmaps, slower to handle.
+        self._tokens = np.asarray(np.memmap(str(tokens), self._dtype, mode='r'))
       else:
         self._tokens = np.frombuffer(tokens.read_bytes(), self._dtype)
       if len(self._tokens) != (ends[-1] if ends.size else 0):
