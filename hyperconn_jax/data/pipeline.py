@@ -7,7 +7,7 @@ Train (infinite, checkpointable):
   process reading token shards from a bucket touches only the files of its range; 0: one shard per
   process). Each shard: its documents -> shuffle (data.shuffle_seed; every epoch differently) ->
   repeat -> tokens -> concatenate and split into sequences of
-  seq_len + 1 tokens (grain's ConcatThenSplit) -> shuffle within windows of data.shuffle_window
+  seq_len + 1 tokens (_Pack) -> shuffle within windows of data.shuffle_window
   sequences (a permutation per window, seeded by the seed, the shard and the window number) -> inputs / targets / weights -> blocks of train.batch_size / num_shards rows.
   A global batch is one block of every shard, in shard order; process p owns the contiguous shards
   [p * k, (p + 1) * k), k = num_shards / process_count, so its rows of the global batch are rows
@@ -69,53 +69,76 @@ class _ToExample(grain.transforms.Map):
 
   def map(self, packed):
     tokens = packed['tokens']
-    # Segment id 0 marks the padding of the last eval sequence.
-    return {'inputs': tokens[..., :-1], 'targets': tokens[..., 1:],
-            'weights': (packed['tokens_segment_ids'][..., 1:] > 0).astype(np.float32)}
+    if 'tokens_segment_ids' in packed:  # Eval: segment id 0 marks the last sequence's padding.
+      weights = (packed['tokens_segment_ids'][..., 1:] > 0).astype(np.float32)
+    else:  # Train sequences have no padding.
+      weights = np.ones(tokens[..., 1:].shape, np.float32)
+    return {'inputs': tokens[..., :-1], 'targets': tokens[..., 1:], 'weights': weights}
 
 
-def _slices_as_tuples(state):
-  """Returns state with every ConcatThenSplit 'remainder_slices' entry as a tuple again.
+class _PackIterator(grain.DatasetIterator):
+  """Concatenates an infinite stream of documents ({'tokens'}) and cuts it into sequences of
+  `length` tokens ({'tokens'}); a document continues in the next sequence where one ends.
 
-  grain 0.2.18's ConcatThenSplit compares these slices with the tuple (-1, -1), but checkpoints
-  store the state as JSON, which turns tuples into lists; restored as lists, a state without
-  remainder reads as having an empty one and the next document is lost.
+  (grain's ConcatThenSplit does the same plus segment ids and padding, which train sequences do
+  not need, at several times the cost per sequence.) The state is the parent's state before the
+  current document and the offset in it: restoring reads that document again.
   """
-  if isinstance(state, dict):
-    return {k: ({f: tuple(sl) for f, sl in v.items()} if k == 'remainder_slices'
-                else _slices_as_tuples(v)) for k, v in state.items()}
-  if isinstance(state, (list, tuple)):
-    return type(state)(_slices_as_tuples(v) for v in state)
-  return state
-
-
-class _JsonStateIterator(grain.DatasetIterator):
-  """Passes elements through; set_state accepts a state that went through JSON."""
 
   _MUTATES_ELEMENT_SPEC = False
 
+  def __init__(self, parent, length: int):
+    super().__init__(parent)
+    self._length = length
+    self._doc_state = None  # The parent's state before self._doc (None: nothing read yet).
+    self._doc = None
+    self._offset = 0
+
+  def _read_doc(self):
+    self._doc_state = self._parent.get_state()
+    self._doc = next(self._parent)['tokens']
+    self._offset = 0
+
   def __next__(self):
-    return next(self._parent)
+    pieces, need = [], self._length
+    while need:
+      if self._doc is None or self._offset == len(self._doc):
+        self._read_doc()
+      take = min(need, len(self._doc) - self._offset)
+      pieces.append(self._doc[self._offset:self._offset + take])
+      self._offset += take
+      need -= take
+    return {'tokens': pieces[0] if len(pieces) == 1 else np.concatenate(pieces)}
 
   def get_state(self):
-    return self._parent.get_state()
+    if self._doc is None:
+      return {'parent': self._parent.get_state(), 'offset': 0, 'read': False}
+    return {'parent': self._doc_state, 'offset': self._offset, 'read': True}
 
   def set_state(self, state):
-    self._parent.set_state(_slices_as_tuples(state))
+    self._parent.set_state(state['parent'])
+    self._doc = None
+    if state['read']:
+      self._read_doc()
+      self._offset = state['offset']
 
 
-class _JsonState(grain.IterDataset):
-  """The pipeline whose iterator restores checkpointed (JSON) states; see _slices_as_tuples."""
+class _Pack(grain.IterDataset):
+  """See _PackIterator."""
+
+  def __init__(self, parent, length: int):
+    super().__init__(parent)
+    self._length = length
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _JsonStateIterator(self._parent.__iter__())
+    return _PackIterator(self._parent.__iter__(), self._length)
 
   def __str__(self) -> str:
-    return '_JsonState'
+    return f'_Pack({self._length})'
 
   @property
   def _element_spec(self):
-    return grain_experimental.get_element_spec(self._parent)
+    return {'tokens': np.zeros(self._length, np.int32)}
 
 
 class _WindowShuffleIterator(grain.DatasetIterator):
@@ -344,7 +367,7 @@ def _shard_sequences(config, docs: grain.MapDataset, shard: int,
         f'data.seq_len + 1 = {length} tokens: use a smaller data.seq_len or more data.')
   ds = docs.shuffle(seed=data_config.shuffle_seed).repeat()
   ds = ds.to_iter_dataset(_read_options(data_config))
-  ds = grain_experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': length})
+  ds = _Pack(ds, length)
   if data_config.shuffle_window > 1:
     ds = _WindowShuffle(ds, data_config.shuffle_window, (data_config.shuffle_seed, shard))
   return ds
@@ -392,7 +415,7 @@ def make_train_iterator(config, *, process_index: int = 0,
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
-  return iter(_JsonState(ds))
+  return iter(ds)
 
 
 class _PadAndShard:
