@@ -29,6 +29,11 @@ from hyperconn_jax.data import pipeline
 from hyperconn_jax.data import token_prepare
 
 
+# (seq_len, batch) of the pipeline timings: the default config's (configs/default.py), the base
+# config's, and OLMo's sequence length.
+PIPELINE_SHAPES = ((128, 16), (256, 32), (2048, 32))
+
+
 def write_corpus(directory: str, megabytes: float) -> int:
   """Standard-library sources as jsonl documents (8 files) up to `megabytes`; returns bytes."""
   root = builders.stdlib_root()
@@ -153,7 +158,7 @@ def main(argv=None):
         print(result['prepare'][-1], flush=True)
         shards[tokenizer] = (out, path)
     for tokenizer, (out, path) in shards.items():
-      for seq_len, batch in ((256, 32), (2048, 32)):
+      for seq_len, batch in PIPELINE_SHAPES:
         result['pipeline'].append(time_pipeline(out, tokenizer, path, seq_len, batch,
                                                 args.seconds, args.read_threads))
         print(result['pipeline'][-1], flush=True)

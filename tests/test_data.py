@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import os
+import pickle
 import re
 import sys
 
@@ -743,6 +744,10 @@ def test_prepare_token_shards_and_train_on_them(hf_path, tmp_path, capsys):
                   if builders.in_validation(k, 0.25) == (split == 'validation'))
     assert sorted(_shard_texts(out, tokenizer, split)) == want
     assert meta['num_docs'][split] == len(want)
+  source = token_shards.TokenSource(out, meta, 'train')
+  source[0]  # opened here; grain worker processes get a copy that opens its own
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(source))[5]['tokens'],
+                                source[5]['tokens'])
 
   config = _config('', str(out), dataset='tokens', tokenizer='huggingface', tokenizer_path=hf_path)
   config.model.vocab_size = 512

@@ -6,9 +6,10 @@ Train (infinite, checkpointable):
   the documents are split into data.num_shards shards (contiguous ranges of documents, so that a
   process reading token shards from a bucket touches only the files of its range; 0: one shard per
   process). Each shard: its documents -> shuffle (data.shuffle_seed; every epoch differently) ->
-  repeat -> tokens -> concatenate and split into sequences of
-  seq_len + 1 tokens (_Pack) -> shuffle within windows of data.shuffle_window
-  sequences (a permutation per window, seeded by the seed, the shard and the window number) -> inputs / targets / weights -> blocks of train.batch_size / num_shards rows.
+  repeat -> tokens -> concatenate and cut into sequences of seq_len + 1 tokens (_Pack) -> shuffle
+  within windows of data.shuffle_window sequences (_WindowShuffle: a permutation per window, seeded
+  by the seed, the shard and the window number) -> blocks of train.batch_size / num_shards rows
+  -> inputs / targets / weights.
   A global batch is one block of every shard, in shard order; process p owns the contiguous shards
   [p * k, (p + 1) * k), k = num_shards / process_count, so its rows of the global batch are rows
   [p * b, (p + 1) * b), b = train.batch_size / process_count [-> data.worker_count worker
