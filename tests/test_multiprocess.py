@@ -6,7 +6,8 @@ the same step, save it collectively and exit 0. Phase 2 (the same commands) rest
 checkpoint collectively, each process its own data iterator state, and trains to the end with
 evaluations. Every step's loss, the eval losses and the final parameters must equal the
 single-process run's within 1e-5 (the batch is the same; only the order of float reductions over
-the devices differs). Each process reads only its own data shard (data.num_shards=2).
+the devices differs). Each process reads only its own data shard (data.num_shards=2), and one
+process resumes the two processes' checkpoint (the iterator state is per shard).
 """
 
 import os
@@ -105,18 +106,33 @@ def test_eval_of_two_process_checkpoint_in_one_process(multiprocess_run):
                              train_runs.eval_losses(workdir)[train_runs.NUM_STEPS], atol=1e-5)
 
 
-def test_resume_with_another_process_count_fails_loudly(multiprocess_run, tmp_path, monkeypatch):
+def test_resume_on_one_process_from_the_two_process_checkpoint(multiprocess_run, tmp_path,
+                                                                 tmp_path_factory, monkeypatch):
+  """With a fixed data.num_shards the data iterator state is per shard: one process takes both
+  shards' states from the two processes' files and trains on as the two would have."""
   workdir = str(tmp_path / 'run')
   shutil.copytree(multiprocess_run['workdir'], workdir)
-  config = train_runs.make_config(multiprocess_run['corpus'])
+  saved = train_runs.finalized_steps(workdir)
+  for step in (8, 12):  # Resume from an earlier step (the preemption's or 4), saved by both.
+    shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
+  # Other shards (data.num_shards=0: one per process, so 1 here) cannot take those states: a clear
+  # error before anything is compiled, and nothing is moved aside.
+  original = train_lib.make_train_step
 
   def not_reached(*args, **kwargs):
     raise AssertionError('training started')
 
   monkeypatch.setattr(train_lib, 'make_train_step', not_reached)
-  with pytest.raises(ValueError, match=r'written by 2 processes, but this run has 1'):
-    train_lib.train_and_evaluate(config, workdir)
-  # Nothing was moved aside: the checkpoints are not damaged.
-  assert train_runs.finalized_steps(workdir) == train_runs.finalized_steps(
-      multiprocess_run['workdir'])
-  assert not [n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if 'damaged' in n]
+  with pytest.raises(ValueError, match=r'written by 2 processes, but this run has 1.*fixed '
+                     r'data.num_shards'):
+    train_lib.train_and_evaluate(
+        train_runs.make_config(multiprocess_run['corpus'], **{'data.num_shards': 0}), workdir)
+  assert train_runs.finalized_steps(workdir) == [s for s in saved if s < 8]
+  monkeypatch.setattr(train_lib, 'make_train_step', original)
+  config = train_runs.make_config(multiprocess_run['corpus'])
+  train_lib.train_and_evaluate(config, workdir)
+  got = train_runs.restore_state(config, workdir, train_runs.NUM_STEPS)
+  want = train_runs.restore_state(config, train_runs.reference_run(tmp_path_factory),
+                                  train_runs.NUM_STEPS)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
