@@ -31,7 +31,6 @@ import os
 import time
 
 from etils import epath
-import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
