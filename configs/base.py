@@ -190,7 +190,8 @@ def get_config() -> ml_collections.ConfigDict:
       # train.batch_size / num_shards rows from each shard in shard order. 0: one shard per process
       # (the batches then depend on the process count). A fixed value (a multiple of every process
       # count used) gives the same batches, so the same run, on any number of processes; e.g. 2 on
-      # one process equals 2 x 1 on two, and a run may resume on another process count.
+      # one process equals 2 x 1 on two, and (with worker_count=0) a run may resume on another
+      # process count dividing it.
       num_shards=0,
       # Image classification (model.name='vit'): data.dataset is 'digits' (embedded: scikit-learn's
       # 8x8 handwritten digits, no download) or a prepared TFDS image dataset ('cifar10',
