@@ -118,10 +118,24 @@ def model_config() -> ml_collections.ConfigDict:
       qk_norm=False,
       tie_embeddings=True,
       rope_theta=10000.0,
+      # Weight init: 'normal' (std init_std) | 'mitchell' (OLMo: truncated normal of std
+      # 1/sqrt(fan-in), output projections of block l divided by sqrt(2 (l + 1))).
+      init='normal',
       init_std=0.02,
-      # Compute dtype ('float32' | 'bfloat16'); parameters are always kept in param_dtype.
+      # Compute dtype ('float32' | 'bfloat16'); parameters are always kept in param_dtype
+      # (float32 master weights under bfloat16 compute).
       dtype='float32',
       param_dtype='float32',
+      # dtype of the residual streams between sub-layers ('float32' | 'bfloat16'); float32 under
+      # bfloat16 compute is OLMo's autocast (branches compute in dtype, the residual adds in fp32).
+      stream_dtype='float32',
+      # Attention implementation (hyperconn_jax/models/attention.py): 'auto' (splash on TPU,
+      # cudnn on GPU with bfloat16, chunked otherwise) | 'xla' (dense [L, L] scores) |
+      # 'chunked' (blockwise online softmax, memory linear in L) | 'cudnn' | 'splash'.
+      attention='auto',
+      # 'chunked' tile sizes (need not divide the sequence length).
+      attention_block_q=512,
+      attention_block_kv=512,
       # Stack blocks with nnx.vmap + nnx.scan (False: a Python loop, for debugging).
       scan_layers=True,
       # Rematerialisation of each block: 'none' | 'full' | 'dots' | 'dots_no_batch' | 'save_streams'.
@@ -224,6 +238,9 @@ def get_config() -> ml_collections.ConfigDict:
       step_fracs=(0.8, 0.9),
       step_factors=(0.316, 0.1),
       grad_clip=1.0,
+      # dtype of the Adam moments between steps ('float32' | 'bfloat16': half the optimizer
+      # memory; the update is computed in float32 either way).
+      moment_dtype='float32',
       grad_accum_steps=1,
       z_loss=0.0,
   ))

@@ -52,7 +52,9 @@ def _olmo(c, name):
   embedding size, >= the tokenizer's vocabulary (checked before compiling).
   """
   sizes.apply_size(c.model, name)
-  c.model.dtype = 'bfloat16'
+  # OLMo: mitchell init, bfloat16 compute over float32 weights and a float32 residual stream.
+  c.model.update(dict(init='mitchell', dtype='bfloat16', param_dtype='float32',
+                      stream_dtype='float32'))
   c.model.scan_layers = True
   c.model.remat_policy = 'dots_no_batch'
   c.data.update(dict(dataset='tokens', tokenizer='huggingface', seq_len=2048))

@@ -84,22 +84,50 @@ def make_schedule(optim_config: ml_collections.ConfigDict, num_steps: int) -> op
   return schedule
 
 
+MOMENT_DTYPES = ('float32', 'bfloat16')
+
+
+def stored_in(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """`inner` whose floating-point state is stored in `dtype` between steps and computed in
+  float32 (e.g. Adam moments in bfloat16: half their memory; the update math stays float32)."""
+  def cast(tree, to):
+    return jax.tree.map(
+        lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def init(params):
+    return cast(inner.init(params), dtype)
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, cast(state, jnp.float32), params)
+    return updates, cast(state, dtype)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(optim_config: ml_collections.ConfigDict, num_steps: int,
                    mask: PyTree) -> optax.GradientTransformation:
   """Global-norm clipping (skipped if grad_clip == 0) followed by AdamW with masked decay.
 
   Args:
-    optim_config: config.optim (b1, b2, eps, weight_decay, grad_clip and the schedule fields).
+    optim_config: config.optim (b1, b2, eps, weight_decay, grad_clip, moment_dtype and the
+      schedule fields).
     num_steps: config.train.num_steps (for the schedule).
     mask: `decay_mask(...)` of the parameters this optimizer will update.
 
   Returns:
     An optax transformation over pure parameter pytrees. Decay is decoupled and scaled by the
-    learning rate (p <- p - lr * (adam_update + weight_decay * p)), as torch.optim.AdamW.
+    learning rate (p <- p - lr * (adam_update + weight_decay * p)), as torch.optim.AdamW (and
+    optax.adamw). The Adam moments are kept in optim.moment_dtype; the parameters keep theirs
+    (model.param_dtype: float32 master weights).
   """
-  adamw = optax.adamw(make_schedule(optim_config, num_steps), b1=optim_config.b1,
-                      b2=optim_config.b2, eps=optim_config.eps,
-                      weight_decay=optim_config.weight_decay, mask=mask)
+  if optim_config.moment_dtype not in MOMENT_DTYPES:
+    raise ValueError(f'optim.moment_dtype must be one of {MOMENT_DTYPES}, got '
+                     f'{optim_config.moment_dtype!r}')
+  adam = optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps)
+  if optim_config.moment_dtype != 'float32':
+    adam = stored_in(adam, jnp.dtype(optim_config.moment_dtype))
+  adamw = optax.chain(adam, optax.add_decayed_weights(optim_config.weight_decay, mask),
+                      optax.scale_by_learning_rate(make_schedule(optim_config, num_steps)))
   if optim_config.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adamw)
   return adamw

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import helpers
-from configs import base
+from configs import base, lm
 from hyperconn_jax import models, params
 from hyperconn_jax.models import decoder, sizes
 
@@ -345,3 +345,47 @@ def test_rmsnorm_qk_norm_untied_parameters():
   assert isinstance(model.blocks.attn.q_norm.scale, params.NormScale)
   logits = model(tokens())
   assert logits.shape == (B, L, V) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_mitchell_init():
+  """OLMo's mitchell init: truncated normal of std 1/sqrt(fan-in) (cut at 3 std); the output
+  projections of block l divided by sqrt(2 (l + 1)); the OLMo sizes use it."""
+  cfg = tiny_config('hc', n=2)
+  cfg.update(dict(init='mitchell', d_model=128, mlp_dim=512, num_heads=4, head_dim=32,
+                  num_layers=3))
+  flat = helpers.flat(models.build_model(cfg, nnx.Rngs(0)))
+  d, f = cfg.d_model, cfg.mlp_dim
+  for l in range(cfg.num_layers):
+    out_factor = 1.0 / np.sqrt(2.0 * (l + 1))
+    for name, fan_in, factor in ((('attn', 'q'), d, 1.0), (('mlp', 'up'), d, 1.0),
+                                 (('attn', 'o'), d, out_factor), (('mlp', 'down'), f, out_factor)):
+      w = np.asarray(flat[('blocks',) + name][l])
+      std = factor / np.sqrt(fan_in)
+      # A normal truncated at 3 std has std 0.986 std.
+      assert abs(w.std() / (0.986 * std) - 1) < 0.05, (l, name, w.std(), std)
+      assert np.abs(w).max() <= 3 * std * (1 + 1e-6), (l, name)
+  emb = np.asarray(flat[('embed', 'embedding')])
+  assert abs(emb.std() / (0.986 / np.sqrt(d)) - 1) < 0.05
+  olmo = lm.get_config('size=olmo_1b')
+  assert (olmo.model.init, olmo.model.dtype, olmo.model.param_dtype,
+          olmo.model.stream_dtype) == ('mitchell', 'bfloat16', 'float32', 'float32')
+
+
+def test_float32_streams_under_bfloat16_compute(kind='hc', opts=dict(n=2)):
+  """model.stream_dtype: the residual streams (what every branch receives, and adds back into)
+  keep float32 under bfloat16 compute, which is closer to float32 than bfloat16 streams."""
+  results = {}
+  for stream_dtype in ('float32', 'bfloat16'):
+    cfg = tiny_config(kind, **opts)
+    cfg.update(dict(dtype='bfloat16', stream_dtype=stream_dtype, num_layers=4))
+    model = models.build_model(cfg, nnx.Rngs(0))
+    perturb(model)
+    logits, hidden = model(tokens(), return_hidden=True)
+    assert hidden.dtype == jnp.dtype(stream_dtype)
+    results[stream_dtype] = logits
+  cfg32 = tiny_config(kind, **opts)
+  cfg32.num_layers = 4
+  model32 = models.build_model(cfg32, nnx.Rngs(0))
+  perturb(model32)
+  exact = model32(tokens())
+  assert rel_err(results['float32'], exact) < rel_err(results['bfloat16'], exact)

@@ -8,7 +8,9 @@ model already sharded over a mesh use `hyperconn_jax.sharding.create_model`.
 from flax import nnx
 
 from hyperconn_jax import connections
+from hyperconn_jax.models import attention
 from hyperconn_jax.models import decoder
+from hyperconn_jax.models import layers
 from hyperconn_jax.models import moe
 from hyperconn_jax.models import vit
 
@@ -51,6 +53,9 @@ def validate(config) -> None:
   _check(config.norm in NORMS, 'norm', config.norm, f'one of {NORMS}')
   _check(config.dtype in DTYPES, 'dtype', config.dtype, f'one of {DTYPES}')
   _check(config.param_dtype in DTYPES, 'param_dtype', config.param_dtype, f'one of {DTYPES}')
+  _check(config.stream_dtype in DTYPES, 'stream_dtype', config.stream_dtype, f'one of {DTYPES}')
+  _check(config.init in layers.INITS, 'init', config.init, f'one of {layers.INITS}')
+  attention.validate(config)
   _check(config.remat_policy in decoder.REMAT_POLICIES, 'remat_policy', config.remat_policy,
          f'one of {decoder.REMAT_POLICIES}')
   _check(config.ffn in FFNS, 'ffn', config.ffn, f'one of {FFNS}')

@@ -66,7 +66,8 @@ class Block(nnx.Module):
 
   def __init__(self, config, layer_index, *, rngs: nnx.Rngs, causal: bool = True):
     conn, d = config.connection, config.d_model
-    out_mult = connections.out_proj_init_multiplier(conn)
+    out_mult = (connections.out_proj_init_multiplier(conn)
+                * layers.out_layer_multiplier(config, layer_index))
 
     def connection(sublayer_index):
       return connections.build_connection(conn, dim=d, sublayer_index=sublayer_index,
@@ -171,10 +172,10 @@ class DecoderLM(nnx.Module):
     self.blocks = create_blocks(config, rngs=rngs)
     self.final_norm = layers.model_norm(config, d)
     self.unembed = None if config.tie_embeddings else nnx.Param(
-        config.init_std * jax.random.normal(rngs.params(), (d, config.vocab_size),
-                                            layers.dtype_of(config.param_dtype)),
+        layers.init_weight(config, rngs, (d, config.vocab_size), fan_in=d),
         out_sharding=('embed', 'vocab'))
     self.dtype = layers.dtype_of(config.dtype)
+    self.stream_dtype = layers.dtype_of(config.stream_dtype)
 
   def __call__(self, tokens_BxL: jax.Array, return_hidden: bool = False,
                return_aux: bool = False):
@@ -190,7 +191,9 @@ class DecoderLM(nnx.Module):
   def logits_from_embeddings(self, h_BxLxD: jax.Array, return_hidden: bool = False,
                              return_aux: bool = False):
     """Same as __call__ but starting from the token embeddings [B, L, D]."""
-    x_BxLxNxD = sharding.constrain(self.streams.expand(h_BxLxD.astype(self.dtype)), STREAMS_AXES)
+    # The streams (residual) stay in stream_dtype; every branch computes in self.dtype.
+    x_BxLxNxD = sharding.constrain(self.streams.expand(h_BxLxD.astype(self.stream_dtype)),
+                                   STREAMS_AXES)
     x_BxLxNxD, hidden, aux = run_blocks(self.blocks, x_BxLxNxD, num_layers=self.num_layers,
                                         scan_layers=self.scan_layers,
                                         policy_name=self.remat_policy,

@@ -1,7 +1,9 @@
 """Transformer layers in the OLMo style: token embedding, RoPE, causal attention, SwiGLU MLP.
 
 No biases anywhere. Every parameter carries logical axis names (`out_sharding`); activations are
-computed in `config.dtype`, parameters kept in `config.param_dtype`, softmax in float32.
+computed in `config.dtype`, parameters kept in `config.param_dtype`, softmax in float32. The
+attention itself is `models/attention.py` (config.model.attention). Weights start as
+config.model.init says: 'normal' (std init_std) or OLMo's 'mitchell' (`init_weight`).
 `config` below is `config.model` (see configs/base.py).
 """
 
@@ -10,6 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hyperconn_jax import norms, params
+from hyperconn_jax.models import attention
+
+INITS = ('normal', 'mitchell')
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -17,8 +22,28 @@ def dtype_of(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
-  return std * jax.random.normal(rngs.params(), shape, dtype)
+def init_weight(config, rngs: nnx.Rngs, shape: tuple[int, ...], *, fan_in: int,
+                multiplier=1.0) -> jax.Array:
+  """A weight matrix in config.param_dtype, times `multiplier` (may be traced).
+
+  config.init 'normal': normal of std config.init_std; 'mitchell' (OLMo): normal of std
+  1/sqrt(fan_in) truncated at 3 std.
+  """
+  dtype = dtype_of(config.param_dtype)
+  if config.init == 'mitchell':
+    std = multiplier / fan_in ** 0.5
+    return (std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, shape, dtype)
+            ).astype(dtype)
+  std = config.init_std * multiplier
+  return (std * jax.random.normal(rngs.params(), shape, dtype)).astype(dtype)
+
+
+def out_layer_multiplier(config, layer_index):
+  """Extra init factor of the output projections of block `layer_index` (may be traced):
+  1/sqrt(2 (l + 1)) for config.init 'mitchell' (OLMo), 1 otherwise."""
+  if config.init == 'mitchell':
+    return jax.lax.rsqrt(2.0 * (jnp.asarray(layer_index, jnp.float32) + 1.0))
+  return 1.0
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -43,8 +68,7 @@ class Embed(nnx.Module):
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.dtype = dtype_of(config.dtype)
     self.embedding = params.Embedding(
-        _normal(rngs, (config.vocab_size, config.d_model), config.init_std,
-                dtype_of(config.param_dtype)),
+        init_weight(config, rngs, (config.vocab_size, config.d_model), fan_in=config.d_model),
         out_sharding=('vocab', 'embed'))
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
@@ -75,22 +99,26 @@ def rope(x_BxLxHxK: jax.Array, theta: float) -> jax.Array:
 
 class Attention(nnx.Module):
   """Multi-head self-attention (causal with RoPE for the decoder; bidirectional without RoPE
-  for the ViT, which adds learned positions to its patches) and optional per-head QK-norm.
+  for the ViT, which adds learned positions to its patches) and optional per-head QK-norm; the
+  attention implementation is config.attention (models/attention.py).
 
   Takes y_BxLxD (already normalised by the caller when Pre-Norm) and returns [B, L, D].
   """
 
-  def __init__(self, config, *, out_init_multiplier: float, rngs: nnx.Rngs, causal: bool = True):
+  def __init__(self, config, *, out_init_multiplier, rngs: nnx.Rngs, causal: bool = True):
     d, h, k = config.d_model, config.num_heads, config.head_dim
-    pdtype = dtype_of(config.param_dtype)
     self.dtype = dtype_of(config.dtype)
     self.rope_theta = config.rope_theta
     self.causal = causal
+    self.implementation = config.attention
+    self.blocks = (config.attention_block_q, config.attention_block_kv)
     in_axes = ('embed', 'heads', 'kv')
-    self.q = nnx.Param(_normal(rngs, (d, h, k), config.init_std, pdtype), out_sharding=in_axes)
-    self.k = nnx.Param(_normal(rngs, (d, h, k), config.init_std, pdtype), out_sharding=in_axes)
-    self.v = nnx.Param(_normal(rngs, (d, h, k), config.init_std, pdtype), out_sharding=in_axes)
-    self.o = nnx.Param(_normal(rngs, (h, k, d), config.init_std * out_init_multiplier, pdtype),
+    self.q = nnx.Param(init_weight(config, rngs, (d, h, k), fan_in=d), out_sharding=in_axes)
+    self.k = nnx.Param(init_weight(config, rngs, (d, h, k), fan_in=d), out_sharding=in_axes)
+    self.v = nnx.Param(init_weight(config, rngs, (d, h, k), fan_in=d), out_sharding=in_axes)
+    # OLMo's mitchell init uses d_model as the fan-in of the output projection too.
+    self.o = nnx.Param(init_weight(config, rngs, (h, k, d), fan_in=d,
+                                   multiplier=out_init_multiplier),
                        out_sharding=('heads', 'kv', 'embed'))
     self.q_norm = model_norm(config, k, axis_name='kv') if config.qk_norm else None
     self.k_norm = model_norm(config, k, axis_name='kv') if config.qk_norm else None
@@ -105,14 +133,10 @@ class Attention(nnx.Module):
     if self.causal:
       q_BxLxHxK = rope(q_BxLxHxK, self.rope_theta)
       k_BxLxHxK = rope(k_BxLxHxK, self.rope_theta)
-    length, head_dim = y_BxLxD.shape[1], q_BxLxHxK.shape[-1]
-    scores_BxHxLxL = jnp.einsum('bqhk,bthk->bhqt', q_BxLxHxK, k_BxLxHxK,
-                                preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
-    if self.causal:
-      causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
-      scores_BxHxLxL = jnp.where(causal_LxL, scores_BxHxLxL, jnp.finfo(jnp.float32).min)
-    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(self.dtype)
-    out_BxLxHxK = jnp.einsum('bhqt,bthk->bqhk', probs_BxHxLxL, v_BxLxHxK)
+    out_BxLxHxK = attention.attend(
+        q_BxLxHxK.astype(self.dtype), k_BxLxHxK.astype(self.dtype), v_BxLxHxK,
+        causal=self.causal, implementation=self.implementation, block_q=self.blocks[0],
+        block_kv=self.blocks[1])
     return jnp.einsum('blhk,hkd->bld', out_BxLxHxK, self.o[...].astype(self.dtype))
 
 
@@ -120,16 +144,16 @@ class MLP(nnx.Module):
   """Feed-forward [B, L, D] -> [B, L, D]: SwiGLU down(silu(gate(y)) * up(y)) or, with
   config.mlp_activation='gelu' (ViT), down(gelu(up(y)))."""
 
-  def __init__(self, config, *, out_init_multiplier: float, rngs: nnx.Rngs):
+  def __init__(self, config, *, out_init_multiplier, rngs: nnx.Rngs):
     d, f = config.d_model, config.mlp_dim
-    pdtype = dtype_of(config.param_dtype)
     self.dtype = dtype_of(config.dtype)
-    self.gate = (nnx.Param(_normal(rngs, (d, f), config.init_std, pdtype),
+    self.gate = (nnx.Param(init_weight(config, rngs, (d, f), fan_in=d),
                            out_sharding=('embed', 'mlp'))
                  if config.mlp_activation == 'swiglu' else None)
-    self.up = nnx.Param(_normal(rngs, (d, f), config.init_std, pdtype),
+    self.up = nnx.Param(init_weight(config, rngs, (d, f), fan_in=d),
                         out_sharding=('embed', 'mlp'))
-    self.down = nnx.Param(_normal(rngs, (f, d), config.init_std * out_init_multiplier, pdtype),
+    self.down = nnx.Param(init_weight(config, rngs, (f, d), fan_in=f,
+                                      multiplier=out_init_multiplier),
                           out_sharding=('mlp', 'embed'))
 
   def __call__(self, y_BxLxD: jax.Array) -> jax.Array:

@@ -91,21 +91,19 @@ class MoE(nnx.Module):
 
   def __init__(self, config, *, out_init_multiplier: float, rngs: nnx.Rngs):
     d, f, e = config.d_model, config.mlp_dim, config.moe.num_experts
-    pdtype = layers.dtype_of(config.param_dtype)
     self.dtype = layers.dtype_of(config.dtype)
     self.num_experts = e
     self.top_k = config.moe.top_k
     self.renormalize = config.moe.renormalize
     self.capacity_factor = config.moe.capacity_factor
 
-    def normal(shape, std):
-      return std * jax.random.normal(rngs.params(), shape, pdtype)
+    def init(shape, fan_in, multiplier=1.0):
+      return layers.init_weight(config, rngs, shape, fan_in=fan_in, multiplier=multiplier)
 
-    std = config.init_std
-    self.router = nnx.Param(normal((d, e), std), out_sharding=('embed', None))
-    self.gate = nnx.Param(normal((e, d, f), std), out_sharding=('expert', 'embed', 'mlp'))
-    self.up = nnx.Param(normal((e, d, f), std), out_sharding=('expert', 'embed', 'mlp'))
-    self.down = nnx.Param(normal((e, f, d), std * out_init_multiplier),
+    self.router = nnx.Param(init((d, e), d), out_sharding=('embed', None))
+    self.gate = nnx.Param(init((e, d, f), d), out_sharding=('expert', 'embed', 'mlp'))
+    self.up = nnx.Param(init((e, d, f), d), out_sharding=('expert', 'embed', 'mlp'))
+    self.down = nnx.Param(init((e, f, d), f, out_init_multiplier),
                           out_sharding=('expert', 'mlp', 'embed'))
 
   def __call__(self, y_BxLxD: jax.Array):

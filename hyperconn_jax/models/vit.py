@@ -62,6 +62,7 @@ class ViT(nnx.Module):
     v, d = config.vit, config.d_model
     pdtype = layers.dtype_of(config.param_dtype)
     self.dtype = layers.dtype_of(config.dtype)
+    self.stream_dtype = layers.dtype_of(config.stream_dtype)
     self.patch_size, self.pool, self.dropout = v.patch_size, v.pool, v.dropout
     self.num_layers = config.num_layers
     self.scan_layers = config.scan_layers
@@ -106,7 +107,8 @@ class ViT(nnx.Module):
     if dropout_key is not None and self.dropout > 0:
       embed_key, block_keys = jax.random.split(dropout_key)
     h_BxLxD = layers.dropout(h_BxLxD, self.dropout, embed_key)
-    x_BxLxNxD = sharding.constrain(self.streams.expand(h_BxLxD), decoder.STREAMS_AXES)
+    x_BxLxNxD = sharding.constrain(self.streams.expand(h_BxLxD.astype(self.stream_dtype)),
+                                   decoder.STREAMS_AXES)
     x_BxLxNxD, hidden, aux = decoder.run_blocks(
         self.blocks, x_BxLxNxD, num_layers=self.num_layers, scan_layers=self.scan_layers,
         policy_name=self.remat_policy,
