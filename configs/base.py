@@ -138,7 +138,9 @@ def model_config() -> ml_collections.ConfigDict:
       attention_block_kv=512,
       # Stack blocks with nnx.vmap + nnx.scan (False: a Python loop, for debugging).
       scan_layers=True,
-      # Rematerialisation of each block: 'none' | 'full' | 'dots' | 'dots_no_batch' | 'save_streams'.
+      # Rematerialisation of each block: 'none' | 'full' | 'dots' | 'dots_no_batch' |
+      # 'save_streams' (keep the stream state, recompute the rest) | 'offload_streams' (the stream
+      # state goes to host memory between forward and backward; the rest is recomputed).
       remat_policy='none',
       # Feed-forward sub-layer: 'dense' (model.mlp_activation MLP) | 'moe' (config.model.moe).
       ffn='dense',
@@ -267,6 +269,9 @@ def get_config() -> ml_collections.ConfigDict:
       # Logical axis name -> mesh axes (None: replicated).
       rules=(
           ('batch', ('data', 'fsdp')),
+          # Sequence sharding for long contexts: map 'length' to a mesh axis (e.g. add a
+          # 'sequence' axis to mesh.axes); the activations (token batches, streams, logits) are
+          # then split along the sequence (tests/test_sharding.py::test_sequence_sharding_*).
           ('length', None),
           ('embed', 'fsdp'),
           ('mlp', 'tensor'),

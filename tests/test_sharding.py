@@ -159,3 +159,32 @@ def test_sharded_gradients_equal_single_device(sharded):
   for k, g in helpers.flat(grads_1).items():
     np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(g), rtol=1e-4, atol=1e-6,
                                err_msg=str(k))
+
+
+def test_sequence_sharding_equals_single_device():
+  """A mesh axis for the sequence: the rule ('length', 'sequence') shards the activations' length
+  axis (streams, logits); loss and gradients equal the unsharded model's."""
+  cfg, mcfg = hc_config(), mesh_config()
+  cfg.update(dict(attention='chunked', attention_block_q=4, attention_block_kv=4))
+  mcfg.axes = ('data', 'sequence', 'tensor')
+  mcfg.rules = tuple((name, 'sequence' if name == 'length' else
+                      None if axes == 'fsdp' else ('data',) if axes == ('data', 'fsdp') else axes)
+                     for name, axes in mcfg.rules)
+  mesh, rules = sharding.make_mesh(mcfg), sharding.logical_rules(mcfg)
+  model = sharding.create_model(cfg, mesh, rules, seed=0)
+  tok = jax.random.randint(jax.random.key(1), (4, 16), 0, cfg.vocab_size)
+  with sharding.activate(mesh, rules):
+    tok_sharded = jax.device_put(tok, sharding.batch_sharding(mesh, rules))
+    assert tok_sharded.sharding.spec == P('data', 'sequence')
+    logits = nnx.jit(lambda m, t: m(t))(model, tok_sharded)
+    loss, grads = nnx.jit(nnx.value_and_grad(_loss))(model, tok_sharded)
+  assert logits.sharding.spec == P('data', 'sequence', 'tensor')
+  single = models.build_model(cfg, nnx.Rngs(0))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(nnx.jit(lambda m, t: m(t))(single, tok)),
+                             rtol=1e-5, atol=1e-5)
+  loss_1, grads_1 = nnx.jit(nnx.value_and_grad(_loss))(single, tok)
+  np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
+  grads = helpers.flat(grads)
+  for k, g in helpers.flat(grads_1).items():
+    np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(g), rtol=1e-4, atol=1e-6,
+                               err_msg=str(k))
