@@ -190,7 +190,8 @@ def no_remat_run():
   return cfg, model, _loss_and_grads(model, tokens())
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch', 'save_streams'])
+@pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch', 'save_streams',
+                                    'offload_streams'])
 def test_remat_equals_no_remat(policy, no_remat_run):
   plain_cfg, plain, (loss_p, grads_p) = no_remat_run
   remat_cfg = tiny_config('hc', n=2, dynamic=True)

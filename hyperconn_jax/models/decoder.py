@@ -22,9 +22,10 @@ from hyperconn_jax import connections, sharding
 from hyperconn_jax.models import layers
 from hyperconn_jax.models import moe
 
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_streams')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_streams', 'offload_streams')
 
-# Name of the tensors the 'save_streams' policy keeps: the stream state after every sub-layer.
+# Name of the tensors the 'save_streams' policy keeps and 'offload_streams' moves to host memory:
+# the stream state entering every block and after every sub-layer.
 STREAMS_CHECKPOINT_NAME = 'streams'
 
 # Logical axes of the activations (applied only under sharding.activate).
@@ -43,6 +44,12 @@ def remat_policy(name: str):
       'dots': jax.checkpoint_policies.dots_saveable,
       'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
       'save_streams': jax.checkpoint_policies.save_only_these_names(STREAMS_CHECKPOINT_NAME),
+      # The n x d stream state of every block lives in host memory between the forward and the
+      # backward pass (MaxText's decoder_layer_input offload), so device memory does not grow
+      # with n x layers; everything else is recomputed.
+      'offload_streams': jax.checkpoint_policies.save_and_offload_only_these_names(
+          names_which_can_be_saved=(), names_which_can_be_offloaded=(STREAMS_CHECKPOINT_NAME,),
+          offload_src='device', offload_dst='pinned_host'),
   }
   if name not in policies:
     raise ValueError(f'model.remat_policy must be one of {REMAT_POLICIES}, got {name!r}')
@@ -91,6 +98,9 @@ class Block(nnx.Module):
     to both branch outputs (ViT training)."""
     branch_inputs, aux = [], {}
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+    # Named so that a remat policy can keep (or offload) the block input instead of the scan
+    # saving the raw carry on the device.
+    x_BxLxNxD = checkpoint_name(x_BxLxNxD, STREAMS_CHECKPOINT_NAME)
 
     def sublayer(connection, norm, layer, x_BxLxNxD, key):
       def branch(h_BxLxD):
