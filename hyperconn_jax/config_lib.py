@@ -10,6 +10,7 @@ from typing import Any
 import ml_collections
 
 SCHEDULES = ('cosine', 'constant', 'step')
+MOMENT_DTYPES = ('float32', 'bfloat16')
 _TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
 
 
@@ -91,6 +92,8 @@ def _validate_optim(o) -> None:
   _check(o.grad_clip >= 0, 'optim.grad_clip', o.grad_clip, 'must be >= 0 (0 disables clipping)')
   _positive_int('optim.grad_accum_steps', o.grad_accum_steps)
   _check(o.z_loss >= 0, 'optim.z_loss', o.z_loss, 'must be >= 0')
+  _check(o.moment_dtype in MOMENT_DTYPES, 'optim.moment_dtype', o.moment_dtype,
+         f'must be one of {MOMENT_DTYPES}')
 
 
 def _validate_train(config) -> None:

@@ -14,6 +14,7 @@ from flax import nnx
 import ml_collections
 import optax
 
+from hyperconn_jax import config_lib
 from hyperconn_jax import params as params_lib
 
 PyTree = Any
@@ -84,9 +85,6 @@ def make_schedule(optim_config: ml_collections.ConfigDict, num_steps: int) -> op
   return schedule
 
 
-MOMENT_DTYPES = ('float32', 'bfloat16')
-
-
 def stored_in(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
   """`inner` whose floating-point state is stored in `dtype` between steps and computed in
   float32 (e.g. Adam moments in bfloat16: half their memory; the update math stays float32)."""
@@ -120,8 +118,8 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, num_steps: int,
     optax.adamw). The Adam moments are kept in optim.moment_dtype; the parameters keep theirs
     (model.param_dtype: float32 master weights).
   """
-  if optim_config.moment_dtype not in MOMENT_DTYPES:
-    raise ValueError(f'optim.moment_dtype must be one of {MOMENT_DTYPES}, got '
+  if optim_config.moment_dtype not in config_lib.MOMENT_DTYPES:
+    raise ValueError(f'optim.moment_dtype must be one of {config_lib.MOMENT_DTYPES}, got '
                      f'{optim_config.moment_dtype!r}')
   adam = optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps)
   if optim_config.moment_dtype != 'float32':
