@@ -129,8 +129,8 @@ def model_config() -> ml_collections.ConfigDict:
       # dtype of the residual streams between sub-layers ('float32' | 'bfloat16'); float32 under
       # bfloat16 compute is OLMo's autocast (branches compute in dtype, the residual adds in fp32).
       stream_dtype='float32',
-      # Attention implementation (hyperconn_jax/models/attention.py): 'auto' (splash on TPU,
-      # cudnn on GPU with bfloat16, chunked otherwise) | 'xla' (dense [L, L] scores) |
+      # Attention implementation (hyperconn_jax/models/attention.py): 'auto' (splash on TPU for
+      # lengths that are multiples of 128, cudnn on GPU with bfloat16, chunked otherwise) | 'xla' (dense [L, L] scores) |
       # 'chunked' (blockwise online softmax, memory linear in L) | 'cudnn' | 'splash'.
       attention='auto',
       # 'chunked' tile sizes (need not divide the sequence length).

@@ -103,11 +103,12 @@ def test_chunked_model_equals_xla_model(name):
 
 
 def test_resolve():
-  assert attention.resolve('auto', jnp.float32, on='cpu') == 'chunked'
-  assert attention.resolve('auto', jnp.bfloat16, on='tpu') == 'splash'
-  assert attention.resolve('auto', jnp.bfloat16, on='gpu') == 'cudnn'
-  assert attention.resolve('auto', jnp.float32, on='gpu') == 'chunked'
-  assert attention.resolve('chunked', jnp.float32, on='tpu') == 'chunked'
+  assert attention.resolve('auto', jnp.float32, 256, on='cpu') == 'chunked'
+  assert attention.resolve('auto', jnp.bfloat16, 256, on='tpu') == 'splash'
+  assert attention.resolve('auto', jnp.bfloat16, 197, on='tpu') == 'chunked'  # ViT-B/16
+  assert attention.resolve('auto', jnp.bfloat16, 256, on='gpu') == 'cudnn'
+  assert attention.resolve('auto', jnp.float32, 256, on='gpu') == 'chunked'
+  assert attention.resolve('chunked', jnp.float32, 256, on='tpu') == 'chunked'
 
 
 @pytest.mark.parametrize('name,message', [
@@ -123,7 +124,7 @@ def test_unavailable_implementation_fails_before_compiling(name, message):
 
 def test_cudnn_needs_bfloat16_on_gpu_too():
   with pytest.raises(ValueError, match="model.attention='cudnn' needs model.dtype='bfloat16'"):
-    attention.resolve('cudnn', jnp.float32, on='gpu')
+    attention.resolve('cudnn', jnp.float32, 256, on='gpu')
 
 
 @pytest.mark.parametrize('field,value', [('attention', 'flash'), ('attention_block_q', 0),

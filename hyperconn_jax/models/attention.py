@@ -10,7 +10,8 @@
 - 'cudnn': `jax.nn.dot_product_attention(..., implementation='cudnn')` (NVIDIA GPUs, bfloat16).
 - 'splash': the Pallas TPU splash-attention kernels, under `jax.shard_map` over the mesh set with
   `jax.set_mesh` (batch and heads sharded as the logical rules 'batch' and 'heads' say).
-- 'auto': splash on TPU, cudnn on GPU (bfloat16 compute), chunked otherwise.
+- 'auto': splash on TPU (chunked when L is not a multiple of 128, e.g. a ViT's 197 positions),
+  cudnn on GPU (bfloat16 compute), chunked otherwise.
 
 The platform is the one of the mesh set with `jax.set_mesh` (so a model compiled ahead of time for
 a TPU topology on a CPU host picks the TPU kernels), else `jax.default_backend()`. A named
@@ -45,8 +46,9 @@ def platform() -> str:
   return 'gpu' if name in ('cuda', 'rocm') else name
 
 
-def resolve(name: str, dtype, on: str | None = None) -> str:
-  """The implementation `name` stands for on platform `on` (default: `platform()`).
+def resolve(name: str, dtype, length: int, on: str | None = None) -> str:
+  """The implementation `name` stands for with compute `dtype` and sequence `length` on
+  platform `on` (default: `platform()`).
 
   Raises ValueError naming model.attention when `name` is unknown or cannot run there.
   """
@@ -55,7 +57,7 @@ def resolve(name: str, dtype, on: str | None = None) -> str:
     raise ValueError(f'model.attention must be one of {IMPLEMENTATIONS}, got {name!r}')
   if name == 'auto':
     if on == 'tpu':
-      return 'splash'
+      return 'splash' if length % SPLASH_MIN_BLOCK == 0 else 'chunked'
     if on == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
       return 'cudnn'
     return 'chunked'
@@ -76,7 +78,7 @@ def attend(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, *, 
   block_q, block_kv: 'chunked' tile sizes (model.attention_block_q / _kv). Returns [B, L, H, K]
   in q's dtype.
   """
-  name = resolve(implementation, q_BxLxHxK.dtype)
+  name = resolve(implementation, q_BxLxHxK.dtype, q_BxLxHxK.shape[1])
   if name == 'xla':
     return xla(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal=causal)
   if name == 'chunked':
