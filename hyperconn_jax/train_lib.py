@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hyperconn_jax import checkpoint
 from hyperconn_jax import config_lib
+from hyperconn_jax import connections
 from hyperconn_jax import data
 from hyperconn_jax import evaluation
 from hyperconn_jax import metrics as metrics_lib
@@ -95,7 +96,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f'--workdir={workdir}: no {metrics_lib.CONFIG_FILE} (is it a training run '
                      'directory?)')
   with open(path) as f:
-    saved = config_from_json(json.load(f))
+    saved_json = json.load(f)
+  # Runs written before the per-kind connection sub-configs hold a flat model.connection.
+  model_json = saved_json.get('model', {})
+  if 'connection' in model_json:
+    model_json['connection'] = connections.migrate(model_json['connection'])
+  saved = config_from_json(saved_json)
   config = base.get_config()
   _merge(config, saved)
   return config

@@ -36,7 +36,7 @@ def tiny_config(corpus_glob: str, data_dir: str, **train_overrides):
   """
   config = base.get_config()
   config.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64)
-  config.model.connection.update(n=2)
+  config.model.connection.hc.n = 2
   config.data.update(dataset='text_files', text_glob=corpus_glob, data_dir=data_dir, seq_len=32,
                      shuffle_window=16)
   config.optim.update(lr=3e-3, warmup_steps=5)

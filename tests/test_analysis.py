@@ -12,6 +12,7 @@ import pytest
 
 import helpers
 from configs import base, lm
+from hyperconn_jax import connections as connections_lib
 from hyperconn_jax import train_lib
 from hyperconn_jax.analysis import diagnostics, runner, trace
 from hyperconn_jax.models import build_model
@@ -27,7 +28,8 @@ def loop_model(arg):
 
 
 def connections(model):
-  return [node for _, node in nnx.iter_graph(model) if trace._is_connection(node)]
+  return [node for _, node in nnx.iter_graph(model)
+          if isinstance(node, connections_lib.connection_types())]
 
 
 def tokens_of(model):
@@ -187,7 +189,7 @@ def test_other_models_at_init_give_the_hc_prenorm_matrix(model_kind):
   """HC x2 at init is Pre-Norm on each stream: all-ones rows, the output row sums 2 streams."""
   config = base.get_config()
   config.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=32)
-  config.model.connection.n = 2
+  config.model.connection.hc.n = 2
   if model_kind == 'vit':
     config.model.name = 'vit'
     v = config.model.vit

@@ -25,7 +25,7 @@ def tiny_config(kind='residual_prenorm', **connection):
   c.connection.kind = kind
   if kind in ('hc', 'frac') and not connection.get('dynamic', True):
     connection.setdefault('tanh', False)  # tanh acts on the dynamic branch only.
-  c.connection.update(connection)
+  c.connection[kind].update(connection)
   return c
 
 
@@ -238,7 +238,7 @@ def test_gradients_reach_every_connection_parameter(kind, opts):
   conn = {k: np.asarray(g) for k, g in grads.items() if is_connection_path(k)}
   assert conn, 'the model has no connection parameters'
   assert all(np.all(np.isfinite(np.asarray(g))) for g in grads.values())
-  n = cfg.connection.n
+  n = opts.get('n')  # mhc's streams.
   for path, g in conn.items():
     name = path[-1]
     if name in ZERO_GRAD_AT_INIT:
@@ -283,12 +283,14 @@ def test_param_counts(size, kind, opts, total, extra):
     ('num_heads', 0), ('head_dim', 15), ('head_dim', 0), ('mlp_dim', -1), ('norm', 'batchnorm'),
     ('norm_eps', 0.0), ('rope_theta', -1.0), ('init_std', 0), ('qk_norm', 'yes'),
     ('tie_embeddings', 1), ('scan_layers', None), ('dtype', 'float16'), ('param_dtype', 'int8'),
-    ('remat_policy', 'everything'), ('connection.kind', 'highway'), ('connection.n', 0),
+    ('remat_policy', 'everything'), ('connection.kind', 'highway'), ('connection.hc.n', 0),
 ])
 def test_validate_names_the_field(field, value):
   cfg = tiny_config('hc')
-  parent, _, leaf = ('.' + field).rpartition('.')
-  target = cfg.connection if parent == '.connection' else cfg
+  *parents, leaf = field.split('.')
+  target = cfg
+  for key in parents:
+    target = target[key]
   with target.ignore_type():
     target[leaf] = value
   with pytest.raises(ValueError, match=rf'model\.{re.escape(field)}\b'):

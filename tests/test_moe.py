@@ -29,7 +29,7 @@ def moe_config(kind='residual_prenorm', capacity_factor=0.0, **connection):
                 ffn='moe'))
   c.moe.update(dict(num_experts=4, top_k=2, capacity_factor=capacity_factor))
   c.connection.kind = kind
-  c.connection.update(connection)
+  c.connection[kind].update(connection)
   return c
 
 
@@ -228,5 +228,6 @@ def test_olmoe_param_count():
   norms = 16 * (2 * 2048 + 2 * 128) + 2048
   assert sizes.count_params(cfg) == core + norms
   assert math.isclose(core + norms, 6.91909427e9, rel_tol=2e-5)
-  cfg.connection.update(kind='hc', n=4, dynamic=True)
+  cfg.connection.kind = 'hc'
+  cfg.connection.hc.update(n=4, dynamic=True)
   assert sizes.param_counts(cfg)['connection'] == 394_048

@@ -17,8 +17,9 @@ def model_config(**connection):
   c = base.get_config().model
   c.update(vocab_size=64, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64,
            norm='rmsnorm')
-  c.connection.update(kind='hc', n=2, dynamic=True, dynamic_norm='rmsnorm',
-                      dynamic_norm_affine=True, **connection)
+  c.connection.kind = 'hc'
+  c.connection.hc.update(n=2, dynamic=True, dynamic_norm='rmsnorm', dynamic_norm_affine=True,
+                         **connection)
   return c
 
 

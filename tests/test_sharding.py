@@ -23,7 +23,8 @@ def hc_config():
   """Tiny dynamic HC x4 model whose big dimensions divide the (2, 2, 2) mesh."""
   c = base.get_config().model
   c.update(dict(vocab_size=64, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64))
-  c.connection.update(dict(kind='hc', n=4, dynamic=True))
+  c.connection.kind = 'hc'
+  c.connection.hc.update(dict(n=4, dynamic=True))
   return c
 
 

@@ -29,7 +29,7 @@ def vit_config(kind='residual_prenorm', pool='gap', **connection):
                 mlp_activation='gelu', norm_affine=True))
   c.vit.update(dict(image_size=8, patch_size=2, channels=1, num_classes=C, pool=pool))
   c.connection.kind = kind
-  c.connection.update(connection)
+  c.connection[kind].update(connection)
   return c
 
 

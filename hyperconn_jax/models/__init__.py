@@ -61,6 +61,11 @@ def validate(config) -> None:
   if config.name == 'vit':
     vit.validate(config)
   connections.validate(config.connection, config.d_model)
+  embed_width = connections.layout(config.connection, config.d_model).embed_width
+  if config.tie_embeddings and embed_width != config.d_model:
+    _check(False, 'tie_embeddings', config.tie_embeddings,
+           f'False when the connection widens the embedding (model.connection.kind='
+           f'{config.connection.kind!r}: {embed_width} wide, model.d_model={config.d_model})')
 
 
 def task(config) -> str:

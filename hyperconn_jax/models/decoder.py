@@ -165,7 +165,8 @@ class DecoderLM(nnx.Module):
     self.scan_layers = config.scan_layers
     self.remat_policy = config.remat_policy
     remat_policy(config.remat_policy)  # Fails before any parameter is created.
-    self.embed = layers.Embed(config, rngs=rngs)
+    embed_width = connections.layout(config.connection, d).embed_width
+    self.embed = layers.Embed(config, rngs=rngs, width=embed_width)
     self.streams = connections.build_streams(config.connection, dim=d,
                                              norm_eps=config.norm_eps, rngs=rngs)
     self.blocks = create_blocks(config, rngs=rngs)

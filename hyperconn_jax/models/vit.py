@@ -60,6 +60,7 @@ class ViT(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     v, d = config.vit, config.d_model
+    e = connections.layout(config.connection, d).embed_width  # The embedding's width.
     pdtype = layers.dtype_of(config.param_dtype)
     self.dtype = layers.dtype_of(config.dtype)
     self.patch_size, self.pool, self.dropout = v.patch_size, v.pool, v.dropout
@@ -69,13 +70,13 @@ class ViT(nnx.Module):
     decoder.remat_policy(config.remat_policy)  # Fails before any parameter is created.
     patch_dim = v.patch_size * v.patch_size * v.channels
     self.patch_embed = nnx.Param(
-        jax.random.normal(rngs.params(), (patch_dim, d), pdtype) / jnp.sqrt(patch_dim),
+        jax.random.normal(rngs.params(), (patch_dim, e), pdtype) / jnp.sqrt(patch_dim),
         out_sharding=(None, 'embed'))
-    self.patch_bias = params.Bias(jnp.zeros((d,), pdtype), out_sharding=('embed',))
+    self.patch_bias = params.Bias(jnp.zeros((e,), pdtype), out_sharding=('embed',))
     self.positions = params.Embedding(
-        config.init_std * jax.random.normal(rngs.params(), (num_patches(config), d), pdtype),
+        config.init_std * jax.random.normal(rngs.params(), (num_patches(config), e), pdtype),
         out_sharding=(None, 'embed'))
-    self.cls_token = (params.Embedding(jnp.zeros((d,), pdtype), out_sharding=('embed',))
+    self.cls_token = (params.Embedding(jnp.zeros((e,), pdtype), out_sharding=('embed',))
                       if v.pool == 'token' else None)
     self.streams = connections.build_streams(config.connection, dim=d,
                                              norm_eps=config.norm_eps, rngs=rngs)
