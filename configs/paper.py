@@ -98,6 +98,13 @@ EXPERIMENTS = {
     'dfc2_notanh': _dfc(2, 'DFC x2 without tanh', ('model.connection.frac.tanh', False)),
     'dfc2_nonorm': _dfc(2, 'DFC x2 without norm',
                         ('model.connection.frac.dynamic_norm', 'none')),
+    # VWN (VWN section 4): virtual width 1.5x ((m, n) = (2, 3), no GroupNorm, as the paper) and
+    # 2x ((2, 4)). The E-wide embedding table cannot be tied to the D-wide unembedding.
+    'vwn1_5': Experiment('connection=vwn,m=2,n=3', (('model.connection.vwn.reduce_norm', 'none'),
+                                                    ('model.tie_embeddings', False)),
+                         about='VWN 1.5x (m=2, n=3), untied embeddings'),
+    'vwn2': Experiment('connection=vwn,m=2,n=4', (('model.tie_embeddings', False),),
+                       about='VWN 2x (m=2, n=4), untied embeddings'),
     # HC Table 6 / Fig. 1: the sparse OLMoE-1B-7B (configs/moe.py).
     'olmoe_prenorm': Experiment('connection=residual', paper_size='olmoe_1b_7b', base='moe',
                                 about='OLMoE-1B-7B residual Pre-Norm'),
@@ -119,6 +126,7 @@ SUITES = {
     'mhc_table1': ('prenorm', 'mhc4_res', 'mhc4_res_pre', 'mhc4'),
     'mhc_vs_hc': ('prenorm', 'dhc4', 'mhc4'),
     'mhc_init': ('prenorm', 'mhc4', 'mhc4_uniform'),
+    'vwn': ('prenorm', 'vwn1_5', 'vwn2'),
     'fc_ablation': ('prenorm', 'dfc2', 'dfc4', 'sfc4', 'dfc2_norescale', 'dfc2_notanh',
                     'dfc2_nonorm'),
     # docs/results.md: the CPU-scale comparison.

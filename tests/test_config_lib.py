@@ -36,6 +36,7 @@ def _set(config, path, value):
 
 
 _HC, _MHC, _FRAC, _ALTUP = ({'model.connection.kind': k} for k in ('hc', 'mhc', 'frac', 'altup'))
+_VWN = {'model.connection.kind': 'vwn', 'model.tie_embeddings': False}
 _MOE = {'model.ffn': 'moe'}
 _VIT = {'model.name': 'vit', 'data.dataset': 'digits'}
 
@@ -81,6 +82,11 @@ BAD_VALUES = [
     ('model.connection.altup.n', 0, _ALTUP),
     ('model.connection.altup.index_base', -1, _ALTUP),
     ('model.connection.mhc.out_proj_sqrt_n', 'half', _MHC),
+    ('model.connection.vwn.m', 3, _VWN),  # Must divide model.d_model=256.
+    ('model.connection.vwn.n', 1, _VWN),  # n >= m.
+    ('model.connection.vwn.reduce_norm', 'batch', _VWN),
+    ('model.connection.vwn.reduce_init', 'zeros', _VWN),
+    ('model.tie_embeddings', True, _VWN),  # The 2x wider embedding cannot be tied.
     ('model.moe.num_experts', 0, _MOE),
     ('model.moe.top_k', 0, _MOE),
     ('model.moe.top_k', 9, _MOE),  # More than model.moe.num_experts=8.

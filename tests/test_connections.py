@@ -773,7 +773,7 @@ def test_connections_build_under_a_mesh_with_rules():
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     for kind, overrides in (('hc', dict(dynamic_norm_affine=True)), ('mhc', dict(reduce='head')),
-                            ('frac', dict(dynamic_norm_affine=True))):
+                            ('frac', dict(dynamic_norm_affine=True)), ('vwn', {})):
       config = make_config(kind, **overrides)
       connections.build_streams(config, dim=32, norm_eps=EPS, rngs=nnx.Rngs(0))
       connection = connections.build_connection(config, dim=32, sublayer_index=0,
@@ -796,7 +796,8 @@ BAD_OPTIONS = [
     ('hc', 'out_proj_sqrt_n', 'sqrt'), ('mhc', 'out_proj_sqrt_n', 'up'),
     ('hc', 'dynamic_norm_affine', True),  # With dynamic_norm='none' (set below).
     ('altup', 'n', 0), ('altup', 'index_base', -2),
-
+    ('vwn', 'm', 0), ('vwn', 'm', 3), ('vwn', 'n', 1), ('vwn', 'dynamic', 1),
+    ('vwn', 'reduce_norm', 'layer'), ('vwn', 'reduce_init', 'zeros'),
 ]
 
 
@@ -824,6 +825,8 @@ def test_validate_special_cases():
     connections.validate(make_config('frac', dynamic=False), 16)
   with pytest.raises(ValueError, match=r'model\.connection\.mhc\.n .*1'):
     connections.validate(make_config('mhc', n=1), 16)  # H_pre init logit(1) is infinite.
+  with pytest.raises(ValueError, match=r'model\.connection\.vwn\.reduce_norm .*none'):
+    connections.validate(make_config('vwn', m=2, n=3), 16)  # Groups of D need m | n.
   # Options a kind does not read are not checked: a static variant ignores the dynamic branch's
   # norm and scale, mhc with n = 1 and H_pre fixed is fine, and the sub-configs of the kinds not
   # chosen are not read at all.
@@ -831,6 +834,7 @@ def test_validate_special_cases():
       ('hc', dict(dynamic=False, tanh=False, dynamic_norm='bogus', scale=False)),
       ('frac', dict(dynamic=False, tanh=False, dynamic_norm_affine=True, dynamic_norm='none')),
       ('mhc', dict(n=1, mappings=('post', 'res'))),
+      ('vwn', dict(m=2, n=3, reduce_norm='none')),
   ):
     connections.validate(make_config(kind, **overrides), 16)
   config = make_config('hc')

@@ -50,6 +50,8 @@ def test_experiments_map_to_the_papers_switches():
   assert (conn('dfc4').kind, conn('dfc4').m, conn('sfc4').dynamic) == ('frac', 4, False)
   assert conn('dfc2_norescale').scale is False and conn('dfc2_notanh').tanh is False
   assert conn('dfc2_nonorm').dynamic_norm == 'none'
+  assert (conn('vwn2').kind, conn('vwn2').m, conn('vwn2').n) == ('vwn', 2, 4)
+  assert (conn('vwn1_5').n, conn('vwn1_5').reduce_norm) == (3, 'none')
   assert paper.get_config('experiment=dhc4,size=paper').model.d_model == 2048
   assert paper.get_config('experiment=olmo7b_dhc4,size=paper').model.d_model == 4096
   assert paper.get_config('experiment=olmo7b_dhc4,size=cpu').model.d_model == 128

@@ -24,7 +24,7 @@ import jax
 from flax import nnx
 import ml_collections
 
-from hyperconn_jax.connections import altup, frac, hc, mhc, protocol, resi_dual, residual
+from hyperconn_jax.connections import altup, frac, hc, mhc, protocol, resi_dual, residual, vwn
 
 Branch = Callable[[jax.Array], jax.Array]
 
@@ -42,7 +42,7 @@ def register(kind: protocol.Kind) -> protocol.Kind:
 
 
 for _kind in (residual.PRENORM, residual.POSTNORM, hc.KIND, mhc.KIND, frac.KIND, resi_dual.KIND,
-              altup.KIND):
+              altup.KIND, vwn.KIND):
   register(_kind)
 
 
