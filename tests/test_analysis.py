@@ -140,7 +140,7 @@ def test_mhc_gain_stays_near_one_while_hc_grows():
 def test_collapse_matches_the_decoders_hidden_states():
   config = lm.get_config('connection=hc,n=2,size=tiny')
   model = build_model(config.model, nnx.Rngs(0))  # Scanned layout.
-  _, hidden_Kx2xBxLxD = model(jnp.asarray(TOKENS_BxL), return_hidden=True)
+  hidden_Kx2xBxLxD = model.forward(jnp.asarray(TOKENS_BxL), return_hidden=True).hidden
   h = np.asarray(hidden_Kx2xBxLxD).reshape(-1, *hidden_Kx2xBxLxD.shape[2:])
   cos = np.sum(h[:-1] * h[1:], -1) / np.linalg.norm(h[:-1], axis=-1) / np.linalg.norm(h[1:],
                                                                                       axis=-1)
@@ -188,8 +188,8 @@ def test_analyze_checkpoint_writes_json_and_png(trained, tmp_path):
 def test_other_models_at_init_give_the_hc_prenorm_matrix(model_kind):
   """HC x2 at init is Pre-Norm on each stream: all-ones rows, the output row sums 2 streams."""
   config = base.get_config()
-  config.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=32)
-  config.model.connection.hc.n = 2
+  config.model = helpers.tiny_model('hc', n=2)
+  config.model.update(vocab_size=256, mlp_dim=32)
   if model_kind == 'vit':
     config.model.name = 'vit'
     v = config.model.vit

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import helpers
 from configs import base
 from hyperconn_jax import connections, params
 from hyperconn_jax.connections import sinkhorn as sinkhorn_lib
@@ -23,30 +24,9 @@ B, L, EPS = 2, 3, 1e-5
 
 # ----------------------------------------------------------------------------------- helpers
 
-def make_config(kind, **overrides):
-  """config.model.connection of `kind` with its options (model.connection.<kind>) overridden."""
-  config = base.connection_config()
-  config.kind = kind
-  config[kind].update(overrides)
-  return config
-
-
-def build(config, dim, sublayer_index=0, norm_eps=EPS):
-  with nnx.use_eager_sharding(False):
-    streams = connections.build_streams(config, dim=dim, norm_eps=norm_eps, rngs=nnx.Rngs(0))
-    connection = connections.build_connection(config, dim=dim, sublayer_index=sublayer_index,
-                                              norm_kind='layernorm', norm_eps=norm_eps,
-                                              rngs=nnx.Rngs(0))
-  return streams, connection
-
-
-def randomize(module, seed, scale=0.5):
-  """Sets every variable (static and dynamic parts, scales, gates, biases) to random values."""
-  state = nnx.state(module, nnx.Variable)
-  leaves, treedef = jax.tree.flatten(state)
-  rng = np.random.default_rng(seed)
-  new = [jnp.asarray(rng.normal(size=leaf.shape) * scale, leaf.dtype) for leaf in leaves]
-  nnx.update(module, jax.tree.unflatten(treedef, new))
+make_config = helpers.connection_config
+build = helpers.build_connection_modules
+randomize = helpers.randomize
 
 
 def value(module, name):

@@ -8,14 +8,14 @@ package.
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base, paper
-from hyperconn_jax import connections, flops
+import helpers
+from configs import paper
+from hyperconn_jax import flops
 from hyperconn_jax.analysis import diagnostics, runner, trace
 from hyperconn_jax.models import build_model, sizes
 
@@ -23,27 +23,11 @@ B, L, EPS = 2, 3, 1e-5
 
 
 def make_config(kind='vwn', **options):
-  config = base.connection_config()
-  config.kind = kind
-  config[kind].update(options)
-  return config
+  return helpers.connection_config(kind, **options)
 
 
-def build(config, dim, sublayer_index=0):
-  with nnx.use_eager_sharding(False):
-    streams = connections.build_streams(config, dim=dim, norm_eps=EPS, rngs=nnx.Rngs(0))
-    connection = connections.build_connection(config, dim=dim, sublayer_index=sublayer_index,
-                                              norm_kind='layernorm', norm_eps=EPS,
-                                              rngs=nnx.Rngs(0))
-  return streams, connection
-
-
-def randomize(module, seed, scale=0.5):
-  state = nnx.state(module, nnx.Variable)
-  leaves, treedef = jax.tree.flatten(state)
-  rng = np.random.default_rng(seed)
-  nnx.update(module, jax.tree.unflatten(
-      treedef, [jnp.asarray(rng.normal(size=x.shape) * scale, x.dtype) for x in leaves]))
+build = helpers.build_connection_modules
+randomize = helpers.randomize
 
 
 def value(module, name):
@@ -131,11 +115,8 @@ def test_static_init_is_the_papers():
 
 
 def _model_config(**options):
-  c = base.get_config().model
-  c.update(vocab_size=64, d_model=16, num_layers=2, num_heads=2, head_dim=8, mlp_dim=32,
-           tie_embeddings=False)
-  c.connection.kind = 'vwn'
-  c.connection.vwn.update(options)
+  c = helpers.tiny_model('vwn', **options)
+  c.tie_embeddings = False
   return c
 
 
@@ -192,7 +173,7 @@ def test_equals_static_frac_when_n_equals_m():
 def test_wide_embedding_needs_untied_unembedding():
   c = _model_config(m=2, n=4)
   c.tie_embeddings = True
-  with pytest.raises(ValueError, match=r'model\.tie_embeddings.*vwn.*32 wide'):
+  with pytest.raises(ValueError, match=r'model\.tie_embeddings.*vwn.*64 wide'):
     build_model(c, nnx.Rngs(0))
 
 

@@ -23,7 +23,7 @@ from flax import nnx
 import ml_collections
 
 from hyperconn_jax import connections
-from hyperconn_jax.models import build_model, decoder
+from hyperconn_jax.models import build_model, trunk
 
 
 def _cosine(a_BxLxD: jax.Array, b_BxLxD: jax.Array) -> jax.Array:
@@ -91,7 +91,7 @@ def _record(model, inputs: jax.Array) -> dict[str, Any]:
 
 def loop_layout(model, model_config) -> nnx.Module:
   """`model` itself if config.model.scan_layers is False, else an unplaced copy with its blocks
-  in a Python list (parameters copied by models.decoder.copy_weights).
+  in a Python list (parameters copied by models.trunk.copy_weights).
 
   Args:
     model: the model; model_config: the config.model it was built from.
@@ -101,7 +101,7 @@ def loop_layout(model, model_config) -> nnx.Module:
   loop_config = ml_collections.ConfigDict(model_config.to_dict())
   loop_config.scan_layers = False
   loop = build_model(loop_config, nnx.Rngs(0))
-  decoder.copy_weights(model, loop)
+  trunk.copy_weights(model, loop)
   return loop
 
 
