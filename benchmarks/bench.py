@@ -67,9 +67,9 @@ BASELINE_VARIANT = Variant('Pre-Norm', BASELINE)
 
 
 def parse_variants(text: str, rates: list[int]) -> list[Variant]:
-  """--variants for every rate in --n (variants without N once)."""
+  """--variants for every rate in --n (variants without N once), rate-major as the tables read."""
   out = []
-  for spec in filter(None, text.split(',')):
+  for index, spec in enumerate(filter(None, text.split(','))):
     head, sep, rest = spec.partition('=')
     label, body = (head, rest) if sep and '/' not in head else ('', spec)
     kind, *fields = body.split('/')
@@ -79,8 +79,8 @@ def parse_variants(text: str, rates: list[int]) -> list[Variant]:
                        f'of {tuple(connections.KINDS)}')
     uses_rate = any(value == 'N' for _, value in options)
     for rate in (rates if uses_rate else [1]):
-      out.append(Variant(label or kind, kind, options, rate))
-  return list(dict.fromkeys(out))
+      out.append((rate, index, Variant(label or kind, kind, options, rate)))
+  return list(dict.fromkeys(v for _, _, v in sorted(out, key=lambda x: x[:2])))
 
 
 def _value(text: str, rate: int):
