@@ -13,7 +13,7 @@ A Kind provides:
   validate(cfg, d_model)   raises ValueError naming model.connection.<name>.<field>, the value and
                 what is allowed (`checks`); runs once, in models.validate, before compilation
   layout(cfg, d_model) -> Layout   number of streams, width of each, width of the embedding
-  Streams(cfg, *, layout, norm_eps, rngs)   the model-level module:
+  Streams(cfg, *, dim, norm_eps, rngs)   the model-level module (dim: the model width D):
                 expand(h_BxLxE) -> x_BxLxNxW, reduce(x_BxLxNxW) -> h_BxLxD, and
                 ends(x_BxLxNxW) -> (E_0 [B, L, r, N], X_out [B, L, N, r]) for the analyses
   Connection(cfg, *, dim, sublayer_index, norm_kind, norm_eps, rngs)   one per sub-layer:
