@@ -218,11 +218,14 @@ def test_default_configs_validate_and_are_the_documented_runs():
   for kind in connections.KINDS:
     config = base.get_config()
     config.model.connection.kind = kind
+    # A kind that widens the embedding (vwn) needs an untied unembedding.
+    width = connections.layout(config.model.connection, config.model.d_model).embed_width
+    config.model.tie_embeddings = width == config.model.d_model
     config_lib.validate(config)
   config = default.get_config()
   config_lib.validate(config)
   m = config.model
-  assert (m.connection.kind, m.connection.n, m.connection.dynamic, m.connection.tanh) == (
-      'hc', 4, True, True)
+  hc = m.connection.hc
+  assert (m.connection.kind, hc.n, hc.dynamic, hc.tanh) == ('hc', 4, True, True)
   assert (m.d_model, m.num_layers, m.vocab_size) == (128, 4, 256)
   assert (config.data.dataset, config.data.tokenizer) == ('stdlib', 'bytes')
