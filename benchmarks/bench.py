@@ -20,6 +20,7 @@ See docs/performance.md for the latest results and the exact command.
 """
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
@@ -36,42 +37,75 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
+from hyperconn_jax import connections, models
 from hyperconn_jax import metrics as metrics_lib
 from hyperconn_jax import sharding, train_lib
+from hyperconn_jax.flops import model_flops_per_step
 
-VARIANTS = ('residual', 'shc', 'dhc', 'mhc', 'dfc')
-LABELS = {'residual': 'Pre-Norm', 'shc': 'SHC', 'dhc': 'DHC', 'mhc': 'mHC', 'dfc': 'DFC'}
+BASELINE = 'residual_prenorm'
+# --variants: LABEL=KIND/FIELD=VALUE/... sets model.connection.KIND.FIELD; a VALUE of N is replaced
+# by each rate of --n. Any registered connection kind works (hyperconn_jax.connections.KINDS).
+DEFAULT_VARIANTS = ('SHC=hc/n=N/dynamic=false/tanh=false,DHC=hc/n=N,mHC=mhc/n=N,DFC=frac/m=N')
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  name: str     # one of VARIANTS
-  rate: int     # n (hc / mhc) or m (frac); 1 for the residual baseline
+  label: str    # e.g. 'DHC'
+  kind: str     # config.model.connection.kind
+  options: tuple[tuple[str, str], ...] = ()   # (field, value text) of the kind's sub-config
+  rate: int = 1   # the value of N
 
   @property
-  def label(self) -> str:
-    if self.name == 'residual':
-      return LABELS[self.name]
-    return f'{LABELS[self.name]} x{self.rate}'
+  def name(self) -> str:
+    """The label with the rate, e.g. 'DHC x4' (the bare label without N)."""
+    if any(value == 'N' for _, value in self.options):
+      return f'{self.label} x{self.rate}'
+    return self.label
+
+
+BASELINE_VARIANT = Variant('Pre-Norm', BASELINE)
+
+
+def parse_variants(text: str, rates: list[int]) -> list[Variant]:
+  """--variants for every rate in --n (variants without N once), rate-major as the tables read."""
+  out = []
+  for index, spec in enumerate(filter(None, text.split(','))):
+    head, sep, rest = spec.partition('=')
+    label, body = (head, rest) if sep and '/' not in head else ('', spec)
+    kind, *fields = body.split('/')
+    options = tuple(tuple(f.split('=', 1)) for f in fields)
+    if any(len(o) != 2 for o in options) or kind not in connections.KINDS:
+      raise ValueError(f'--variants: {spec!r} must be [LABEL=]KIND[/FIELD=VALUE...] with KIND one '
+                       f'of {tuple(connections.KINDS)}')
+    uses_rate = any(value == 'N' for _, value in options)
+    for rate in (rates if uses_rate else [1]):
+      out.append((rate, index, Variant(label or kind, kind, options, rate)))
+  return list(dict.fromkeys(v for _, _, v in sorted(out, key=lambda x: x[:2])))
+
+
+def _value(text: str, rate: int):
+  if text == 'N':
+    return rate
+  try:
+    return ast.literal_eval({'true': 'True', 'false': 'False'}.get(text, text))
+  except (ValueError, SyntaxError):
+    return text  # A string option, e.g. reduce=head.
 
 
 def make_config(variant: Variant, *, d: int, layers: int, seq: int, batch: int,
                 remat_policy: str):
-  """The full config of one benchmarked model (heads of 64 channels, SwiGLU 4d, byte vocabulary)."""
+  """The full config of one benchmarked model (heads of 64 channels, SwiGLU 4d, byte vocabulary).
+
+  A kind whose embedding is wider than d (vwn) gets an untied unembedding."""
   c = base.get_config()
   c.model.update(dict(vocab_size=256, d_model=d, num_layers=layers, num_heads=max(1, d // 64),
                       head_dim=min(64, d), mlp_dim=4 * d, dtype='float32',
                       param_dtype='float32', scan_layers=True, remat_policy=remat_policy))
   conn = c.model.connection
-  if variant.name == 'residual':
-    conn.kind = 'residual_prenorm'
-  elif variant.name in ('shc', 'dhc'):
-    conn.update(dict(kind='hc', n=variant.rate, dynamic=variant.name == 'dhc',
-                     tanh=variant.name == 'dhc'))
-  elif variant.name == 'mhc':
-    conn.update(dict(kind='mhc', n=variant.rate))
-  else:
-    conn.update(dict(kind='frac', m=variant.rate, dynamic=True, tanh=True))
+  conn.kind = variant.kind
+  for field, text in variant.options:
+    conn[variant.kind][field] = _value(text, variant.rate)
+  c.model.tie_embeddings = connections.layout(conn, d).embed_width == d
   c.data.seq_len = seq
   c.train.batch_size = batch
   c.train.num_steps = 1_000_000  # Only the schedule reads it.
@@ -80,35 +114,13 @@ def make_config(variant: Variant, *, d: int, layers: int, seq: int, batch: int,
   return c
 
 
-def skip_reason(variant: Variant, d: int) -> str | None:
-  if variant.name == 'mhc' and variant.rate == 1:
-    return "mHC's learned H_pre needs n >= 2 (its init logit(1/n) is infinite at n = 1)"
-  if variant.name == 'dfc' and d % variant.rate:
-    return f'm = {variant.rate} does not divide d = {d}'
+def skip_reason(config) -> str | None:
+  """Why a variant cannot be built at this width (its validation message), or None."""
+  try:
+    models.validate(config.model)
+  except ValueError as e:
+    return str(e)
   return None
-
-
-def model_flops_per_step(config) -> float:
-  """Matmul FLOPs of one train step (3x the forward: PaLM's convention; attention counted whole,
-  not halved for causality), connections included."""
-  m = config.model
-  d, h, k, f, v = m.d_model, m.num_heads, m.head_dim, m.mlp_dim, m.vocab_size
-  seq = config.data.seq_len
-  conn = m.connection
-  per_sublayer_conn = 0.0
-  if conn.kind == 'hc':
-    n = conn.n
-    per_sublayer_conn = 2 * n * (n + 1) * d + (2 * n * d * (n + 2) if conn.dynamic else 0)
-  elif conn.kind == 'mhc':
-    n = conn.n
-    per_sublayer_conn = 2 * n * (n + 1) * d + 2 * n * d * (n * n + 2 * n)
-  elif conn.kind == 'frac':
-    mm = conn.m
-    per_sublayer_conn = 4 * mm * d + (2 * d * (2 * mm + 1) if conn.dynamic else 0)
-  per_layer = (2 * d * 3 * h * k + 2 * h * k * d + 4 * seq * h * k + 6 * d * f
-               + 2 * per_sublayer_conn)
-  forward_per_token = m.num_layers * per_layer + 2 * d * v
-  return 3.0 * forward_per_token * seq * config.train.batch_size
 
 
 def abstract_state(setup) -> train_lib.TrainState:
@@ -195,21 +207,21 @@ class Matmul:
 
 def time_width(d: int, variants: list[Variant], args, matmul: Matmul) -> list[dict]:
   """Compiles every variant at width d, then times them interleaved; returns one row each."""
-  baseline = Variant('residual', 1)
+  baseline = BASELINE_VARIANT
   members, rows = [], []
   for variant in [baseline] + [v for v in variants if v != baseline]:
-    reason = skip_reason(variant, d)
-    if reason:
-      rows.append({'d': d, 'variant': variant.name, 'rate': variant.rate,
-                   'label': variant.label, 'skipped': reason})
-      continue
     config = make_config(variant, d=d, layers=args.layers, seq=args.seq, batch=args.batch,
                          remat_policy=args.remat_policy)
+    reason = skip_reason(config)
+    if reason:
+      rows.append({'d': d, 'variant': variant.kind, 'rate': variant.rate,
+                   'label': variant.name, 'skipped': reason})
+      continue
     compiled = Compiled(config, allocate=True)
     for _ in range(args.warmup):
       compiled.run()
     members.append((variant, compiled))
-    print(f'  d={d} {variant.label}: compiled in {compiled.compile_s:.1f}s, peak '
+    print(f'  d={d} {variant.name}: compiled in {compiled.compile_s:.1f}s, peak '
           f'{compiled.memory["peak_bytes"] / 2**20:.0f} MiB', flush=True)
 
   times = {v: [] for v, _ in members}
@@ -231,7 +243,7 @@ def time_width(d: int, variants: list[Variant], args, matmul: Matmul) -> list[di
     flops = model_flops_per_step(compiled.config)
     tokens = args.batch * args.seq
     rows.append({
-        'd': d, 'variant': variant.name, 'rate': variant.rate, 'label': variant.label,
+        'd': d, 'variant': variant.kind, 'rate': variant.rate, 'label': variant.name,
         'layers': args.layers, 'seq': args.seq, 'batch': args.batch,
         'remat_policy': args.remat_policy,
         'step_s_median': float(np.median(t)),
@@ -246,7 +258,7 @@ def time_width(d: int, variants: list[Variant], args, matmul: Matmul) -> list[di
         'compile_s': compiled.compile_s,
         **compiled.memory,
     })
-  base_peak = next(r['peak_bytes'] for r in rows if r['variant'] == 'residual' and 'peak_bytes' in r)
+  base_peak = next(r['peak_bytes'] for r in rows if r['variant'] == BASELINE and 'peak_bytes' in r)
   for row in rows:
     if 'peak_bytes' in row:
       row['peak_ratio_to_residual'] = row['peak_bytes'] / base_peak
@@ -256,7 +268,7 @@ def time_width(d: int, variants: list[Variant], args, matmul: Matmul) -> list[di
 def compile_depths(args) -> list[dict]:
   """Compile time of the train step at each depth in --compile_layers: the minimum over
   --compile_repeats interleaved repeats (wall clock and process CPU time)."""
-  cases = [(Variant(name, rate), layers) for name, rate in [('residual', 1), ('dhc', 4), ('mhc', 4)]
+  cases = [(variant, layers) for variant in _reference_variants()
            for layers in args.compile_layers]
   wall = {case: [] for case in cases}
   cpu = {case: [] for case in cases}
@@ -267,31 +279,35 @@ def compile_depths(args) -> list[dict]:
       compiled = Compiled(config, allocate=False)
       cpu[variant, layers].append(compiled.compile_cpu_s)
       wall[variant, layers].append(compiled.compile_s)
-      print(f'  compile {variant.label} L={layers}: {compiled.compile_s:.1f}s', flush=True)
-  return [{'variant': variant.name, 'rate': variant.rate, 'label': variant.label,
+      print(f'  compile {variant.name} L={layers}: {compiled.compile_s:.1f}s', flush=True)
+  return [{'variant': variant.kind, 'rate': variant.rate, 'label': variant.name,
            'd': args.compile_d, 'layers': layers, 'compile_s': min(wall[variant, layers]),
            'compile_cpu_s': min(cpu[variant, layers]), 'compile_s_all': wall[variant, layers]}
           for variant, layers in cases]
+
+
+def _reference_variants() -> list[Variant]:
+  """Pre-Norm, DHC x4 and mHC x4: the compile-time and memory comparisons."""
+  return [BASELINE_VARIANT] + parse_variants('DHC=hc/n=N,mHC=mhc/n=N', [4])
 
 
 def remat_memory(args) -> list[dict]:
   """Peak memory of residual and DHC x4 under each remat policy in --memory_policies."""
   rows = []
   for d in args.memory_d:
-    for name, rate in [('residual', 1), ('dhc', 4), ('mhc', 4)]:
-      variant = Variant(name, rate)
+    for variant in _reference_variants():
       for policy in args.memory_policies:
         config = make_config(variant, d=d, layers=args.layers, seq=args.seq, batch=args.batch,
                              remat_policy=policy)
         compiled = Compiled(config, allocate=False)
-        rows.append({'variant': name, 'rate': rate, 'label': variant.label, 'd': d,
+        rows.append({'variant': variant.kind, 'rate': variant.rate, 'label': variant.name, 'd': d,
                      'layers': args.layers, 'batch': args.batch, 'remat_policy': policy,
                      **compiled.memory})
   for row in rows:
-    base = next(r for r in rows if r['d'] == row['d'] and r['variant'] == 'residual'
+    base = next(r for r in rows if r['d'] == row['d'] and r['variant'] == BASELINE
                 and r['remat_policy'] == 'none')
     row['peak_ratio_to_residual_none'] = row['peak_bytes'] / base['peak_bytes']
-    same = next(r for r in rows if r['d'] == row['d'] and r['variant'] == 'residual'
+    same = next(r for r in rows if r['d'] == row['d'] and r['variant'] == BASELINE
                 and r['remat_policy'] == row['remat_policy'])
     row['peak_ratio_to_residual_same_policy'] = row['peak_bytes'] / same['peak_bytes']
   return rows
@@ -374,8 +390,9 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--d', type=_ints, default=[256, 512, 1024], help='model widths')
   p.add_argument('--n', type=_ints, default=[1, 2, 4, 8], help='expansion / frac rates')
-  p.add_argument('--variants', default=','.join(VARIANTS[1:]),
-                 help=f'comma-separated subset of {VARIANTS[1:]} (the baseline always runs)')
+  p.add_argument('--variants', default=DEFAULT_VARIANTS,
+                 help='comma-separated LABEL=KIND/FIELD=VALUE/...: model.connection.KIND.FIELD, '
+                 'VALUE N is each of --n (the Pre-Norm baseline always runs)')
   p.add_argument('--layers', type=int, default=4)
   p.add_argument('--seq', type=int, default=256)
   p.add_argument('--batch', type=int, default=8)
@@ -394,23 +411,24 @@ def parse_args(argv=None):
   p.add_argument('--out', default='', help='JSON output path')
   p.add_argument('--markdown', default='', help='markdown output path')
   args = p.parse_args(argv)
-  args.variants = [v for v in args.variants.split(',') if v]
-  for v in args.variants:
-    if v not in VARIANTS:
-      p.error(f'--variants: {v!r} is not one of {VARIANTS}')
+  try:
+    args.variants = parse_variants(args.variants, args.n)
+  except ValueError as e:
+    p.error(str(e))
   args.memory_policies = [x for x in args.memory_policies.split(',') if x]
   return args
 
 
 def main(argv=None):
   args = parse_args(argv)
-  result = {'machine': machine(), 'args': vars(args), 'command': ' '.join(sys.argv),
+  result = {'machine': machine(),
+            'args': {**vars(args), 'variants': [v.name for v in args.variants]},
+            'command': ' '.join(sys.argv),
             'timing': [], 'remat_memory': [], 'compile': []}
   matmul = Matmul(args.matmul_size)
-  variants = [Variant(name, n) for n in args.n for name in args.variants if name != 'residual']
   for d in args.d:
     print(f'width {d}', flush=True)
-    result['timing'] += time_width(d, variants, args, matmul)
+    result['timing'] += time_width(d, args.variants, args, matmul)
   if args.memory_policies:
     result['remat_memory'] = remat_memory(args)
   if args.compile_layers:

@@ -9,61 +9,30 @@ Not meant to be run directly; see configs/default.py and configs/lm.py.
 
 import ml_collections
 
+from hyperconn_jax import connections
+
 
 def connection_config() -> ml_collections.ConfigDict:
-  """Options of the residual / hyper-connection wrapping every sub-layer (config.model.connection)."""
-  return ml_collections.ConfigDict(dict(
-      # 'residual_prenorm' | 'residual_postnorm' | 'hc' | 'mhc' | 'frac', or HC Table 4's related
-      # methods 'resi_dual' (ResiDual) | 'altup' (AltUp, n blocks).
-      kind='hc',
-      # HC / mHC expansion rate n (number of residual streams; AltUp: blocks), any n >= 1.
-      n=4,
-      # Frac-Connections frac-rate m (the hidden size is split into m fractions); m must divide d_model.
-      m=4,
-      # hc / frac: static (SHC / SFC) if False, static + dynamic (DHC / DFC) if True.
-      dynamic=True,
-      # hc / frac dynamic branch: tanh on the projection (paper default True; Table 1 'W/O tanh').
-      tanh=True,
-      # hc / frac dynamic branch: norm of each stream / fraction before the projection:
-      # 'layernorm' (no affine, as OLMo) | 'rmsnorm' | 'none'.
-      dynamic_norm='layernorm',
-      # Give that norm a learnable scale (|theta_norm| = d, as OLMoE) if True.
-      dynamic_norm_affine=False,
-      # hc / frac dynamic branch: learnable scalar scales s_alpha, s_beta (FC 'W/O rescale' if False).
-      scale=True,
-      alpha_scale_init=0.01,
-      beta_scale_init=0.01,
-      # Table 3 ablations: train the width-connections (A_m, A_r: static and dynamic parts) / B.
-      train_width=True,
-      train_beta=True,
-      # Home stream (HC's A_m, mHC's pre_init='home') of sub-layer k is (k + index_base) mod n,
-      # with k counted from 0: attention of block l is k = 2l, its FFN k = 2l + 1.
-      index_base=0,
-      # HC section 4 rescales the init std of the output projections by sqrt(n); the paper does not
-      # say in which direction: 'none' | 'divide' | 'multiply'.
-      out_proj_sqrt_n='none',
-      # mHC: Sinkhorn-Knopp iterations (paper t_max = 20).
-      sinkhorn_iters=20,
-      # mHC: H_post = post_mult * sigmoid(.) (paper 2).
-      post_mult=2.0,
-      # mHC: scalar gates alpha^pre, alpha^post, alpha^res init (paper 0.01).
-      gate_init=0.01,
-      # mHC: static H_res logits at init: 'identity' (diagonal 0, off-diagonal res_offdiag_logit,
-      # so the model starts near Pre-Norm) | 'uniform' (all 0: Sinkhorn gives the 1/n matrix).
-      res_init='identity',
-      res_offdiag_logit=-4.0,
-      # mHC: static H_pre at init (the paper gives none): 'home' (1 - (n-1) * pre_off_home on stream
-      # (k + index_base) mod n of sub-layer k, pre_off_home on the others, as HC's A_m) |
-      # 'uniform' (1/n: the streams then stay equal all through training and H_res never learns;
-      # hyperconn_jax/connections/mhc.py explains why).
-      pre_init='home',
-      pre_off_home=0.01,
-      # mHC: which mappings are learned; a missing one is fixed (H_pre = 1/n, H_post = 1, H_res = I),
-      # as in the mHC paper's Table 1 ablation. Any subset of ('pre', 'post', 'res').
-      mappings=('pre', 'post', 'res'),
-      # mHC final reduction: 'sum' | 'head' (learned sigmoid-weighted sum, as DeepSeek's TileKernels).
-      reduce='sum',
-  ))
+  """Options of the residual / hyper-connection wrapping every sub-layer (config.model.connection).
+
+  `kind` picks the connection; every registered kind has its own sub-config holding only its
+  options, with the defaults its module declares (`defaults()` in hyperconn_jax/connections/):
+    kind='hc'               (default) residual_prenorm | residual_postnorm | hc | mhc | frac |
+                            resi_dual | altup | vwn, or any kind registered with
+                            hyperconn_jax.connections.register
+    hc.n=4, hc.dynamic=True, hc.tanh=True, hc.dynamic_norm='layernorm', hc.scale=True, ...
+                            Hyper-Connections (hc.py)
+    mhc.n=4, mhc.sinkhorn_iters=20, mhc.pre_init='home', mhc.mappings, mhc.reduce='sum', ...
+                            mHC (mhc.py)
+    frac.m=4, frac.dynamic=True, ...   Frac-Connections (frac.py)
+    altup.n=4, altup.index_base=0      AltUp (altup.py)
+    vwn.m=2, vwn.n=4, vwn.dynamic=True, vwn.reduce_norm='group', vwn.reduce_init='cyclic'
+                            Virtual Width Networks (vwn.py)
+    residual_prenorm, residual_postnorm, resi_dual: no options
+  Options of every kind can be set on the command line whatever the kind, e.g.
+  --config.model.connection.kind=mhc --config.model.connection.mhc.sinkhorn_iters=10.
+  """
+  return connections.defaults()
 
 
 def moe_config() -> ml_collections.ConfigDict:

@@ -6,14 +6,18 @@
   python train.py --config=configs/lm.py:connection=frac,m=4,size=cpu --workdir=workdirs/dfc4
 
 Arguments (after ':', comma-separated key=value):
-  connection  residual (= residual_prenorm) | residual_prenorm | residual_postnorm | hc | mhc | frac
-              | resi_dual | altup  (the last two: HC Table 4's related methods)
-  n, m        HC / mHC expansion rate (AltUp: blocks), Frac-Connections frac-rate
+  connection  residual (= residual_prenorm) | any registered kind (hyperconn_jax.connections.KINDS):
+              residual_prenorm | residual_postnorm | hc | mhc | frac | resi_dual | altup | vwn
+              (resi_dual, altup: HC Table 4's related methods; vwn: Virtual Width Networks)
+  n, m        HC / mHC expansion rate (AltUp: blocks), Frac-Connections frac-rate (VWN: n
+              over-width segments, m backbone segments)
   dynamic     static (SHC / SFC) or dynamic (DHC / DFC) coefficients
   tanh        auto (= dynamic) | true | false  (HC Table 1 'W/O tanh')
   train_width, train_beta   HC Table 3 ablations (non-trainable width-connections / B)
   size        tiny | cpu | olmo_1b | olmo_7b  (model shape and matching training setup)
-Leaves can still be overridden: --config.model.d_model=512 --config.optim.lr=1e-3 ...
+A switch sets the option of that name of the chosen kind (model.connection.<kind>.<switch>) and
+is ignored by kinds without it. Leaves can still be overridden: --config.model.d_model=512
+--config.model.connection.hc.index_base=1 --config.optim.lr=1e-3 ...
 """
 
 from configs import base
@@ -87,9 +91,13 @@ def get_config(arg=None):
   return c
 
 
-def set_connection(c, connection: str, *, tanh: bool, **options) -> None:
-  """Sets config.model.connection from the switches ('residual' means residual_prenorm)."""
+def set_connection(c, connection: str, **switches) -> None:
+  """Sets config.model.connection.kind ('residual' means residual_prenorm) and, of the switches,
+  those that are options of that kind (model.connection.<kind>.<switch>)."""
   conn = c.model.connection
   conn.kind = _CONNECTIONS.get(connection, connection)
-  conn.update(options)
-  conn.tanh = tanh  # Only meaningful (and only allowed) on the dynamic branch.
+  if conn.kind not in conn or conn.kind == 'kind':
+    raise ValueError(f'config argument connection={connection!r} must be one of '
+                     f"{('residual',) + tuple(k for k in conn if k != 'kind')}")
+  options = conn[conn.kind]
+  options.update({k: v for k, v in switches.items() if k in options})

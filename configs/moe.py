@@ -5,7 +5,8 @@
   python train.py --config=configs/moe.py:connection=hc,n=4,size=olmoe_1b_7b --workdir=DIR  # pod
 
 Arguments (after ':', comma-separated key=value):
-  connection  residual (= residual_prenorm) | residual_prenorm | residual_postnorm | hc | mhc | frac
+  connection  residual (= residual_prenorm) | any registered kind: residual_prenorm |
+              residual_postnorm | hc | mhc | frac | resi_dual | altup | vwn (see configs/lm.py)
   n, m        HC / mHC expansion rate, Frac-Connections frac-rate
   dynamic     static (SHC / SFC) or dynamic (DHC / DFC) coefficients (tanh follows dynamic)
   size        tiny | cpu | olmoe_1b_7b  (model shape and matching training setup)

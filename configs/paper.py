@@ -1,5 +1,6 @@
 """The papers' experiments by name: the HC rows of HC Tables 1-6, the mHC component ablation, mHC vs
-HC and the Frac-Connections ablations, each at the paper's scale or scaled down.
+HC, the Frac-Connections ablations and Virtual Width Networks, each at the paper's scale or scaled
+down.
 
   python train.py --config=configs/paper.py:experiment=dhc4,size=cpu --workdir=workdirs/dhc4
   python train.py --config=configs/paper.py:experiment=shc4,size=paper --workdir=gs://B/shc4
@@ -15,9 +16,10 @@ Arguments (after ':', comma-separated key=value):
 Every experiment is configs/lm.py's (or configs/moe.py's) switches plus a few overrides: this file
 holds one line per experiment and SUITES lists the rows of each table; nothing else is repeated.
 
-HC Table 6 (OLMoE-1B-7B, suite hc_table6) uses configs/moe.py. Not here: HC Table 4's ResiDual and
-AltUp rows (no implementation of those baselines in this repository); the mHC paper's
-DeepSeek-V3-style MoE and FC's OLMoE-1.3B (their ablations run on the OLMo-1B shape at size=paper).
+HC Table 6 (OLMoE-1B-7B, suite hc_table6) uses configs/moe.py; HC Table 4's related methods are
+the resi_dual and altup connection kinds. Not here: HC Table 4's PTB and two-hop rows; the mHC
+paper's DeepSeek-V3-style MoE, FC's OLMoE-1.3B and VWN's MoE models (their ablations run on the
+OLMo-1B shape at size=paper).
 """
 
 import dataclasses
@@ -45,7 +47,7 @@ def _hc(n, *, dynamic=True, tanh=True, **switches):
 def _mhc(*mappings):
   # Without a learned H_post the replicated streams stay equal and H_res is inert
   # (hyperconn_jax/connections/mhc.py).
-  return Experiment('connection=mhc,n=4', (('model.connection.mappings', tuple(mappings)),),
+  return Experiment('connection=mhc,n=4', (('model.connection.mhc.mappings', tuple(mappings)),),
                     about=f'mHC x4, learned {"+".join(mappings)} (mHC Table 1)')
 
 
@@ -85,15 +87,24 @@ EXPERIMENTS = {
     'mhc4_res_pre': _mhc('res', 'pre'),
     'mhc4': Experiment('connection=mhc,n=4', about='mHC x4 (all of H_res, H_pre, H_post)'),
     # The init the paper leaves open: H_pre = 1/n keeps the streams equal (configs/base.py).
-    'mhc4_uniform': Experiment('connection=mhc,n=4', (('model.connection.pre_init', 'uniform'),),
+    'mhc4_uniform': Experiment('connection=mhc,n=4',
+                               (('model.connection.mhc.pre_init', 'uniform'),),
                                about='mHC x4, H_pre = 1/n at init (streams stay equal)'),
     # Frac-Connections (FC Fig. 4): frac-rate, SFC vs DFC, and removing rescale / tanh / norm.
     'dfc2': _dfc(2, 'DFC x2'),
     'dfc4': _dfc(4, 'DFC x4'),
     'sfc4': _dfc(4, 'SFC x4', dynamic=False),
-    'dfc2_norescale': _dfc(2, 'DFC x2 without rescale', ('model.connection.scale', False)),
-    'dfc2_notanh': _dfc(2, 'DFC x2 without tanh', ('model.connection.tanh', False)),
-    'dfc2_nonorm': _dfc(2, 'DFC x2 without norm', ('model.connection.dynamic_norm', 'none')),
+    'dfc2_norescale': _dfc(2, 'DFC x2 without rescale', ('model.connection.frac.scale', False)),
+    'dfc2_notanh': _dfc(2, 'DFC x2 without tanh', ('model.connection.frac.tanh', False)),
+    'dfc2_nonorm': _dfc(2, 'DFC x2 without norm',
+                        ('model.connection.frac.dynamic_norm', 'none')),
+    # VWN (VWN section 4): virtual width 1.5x ((m, n) = (2, 3), no GroupNorm, as the paper) and
+    # 2x ((2, 4)). The E-wide embedding table cannot be tied to the D-wide unembedding.
+    'vwn1_5': Experiment('connection=vwn,m=2,n=3', (('model.connection.vwn.reduce_norm', 'none'),
+                                                    ('model.tie_embeddings', False)),
+                         about='VWN 1.5x (m=2, n=3), untied embeddings'),
+    'vwn2': Experiment('connection=vwn,m=2,n=4', (('model.tie_embeddings', False),),
+                       about='VWN 2x (m=2, n=4), untied embeddings'),
     # HC Table 6 / Fig. 1: the sparse OLMoE-1B-7B (configs/moe.py).
     'olmoe_prenorm': Experiment('connection=residual', paper_size='olmoe_1b_7b', base='moe',
                                 about='OLMoE-1B-7B residual Pre-Norm'),
@@ -115,6 +126,7 @@ SUITES = {
     'mhc_table1': ('prenorm', 'mhc4_res', 'mhc4_res_pre', 'mhc4'),
     'mhc_vs_hc': ('prenorm', 'dhc4', 'mhc4'),
     'mhc_init': ('prenorm', 'mhc4', 'mhc4_uniform'),
+    'vwn': ('prenorm', 'vwn1_5', 'vwn2'),
     'fc_ablation': ('prenorm', 'dfc2', 'dfc4', 'sfc4', 'dfc2_norescale', 'dfc2_notanh',
                     'dfc2_nonorm'),
     # docs/results.md: the CPU-scale comparison.

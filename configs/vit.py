@@ -6,7 +6,8 @@
   python eval.py --workdir=workdirs/vit_dhc2            # eval_loss and top-1 eval_accuracy
 
 Arguments (after ':', comma-separated key=value):
-  connection  residual (= residual_prenorm) | residual_prenorm | residual_postnorm | hc | mhc | frac
+  connection  residual (= residual_prenorm) | any registered kind: residual_prenorm |
+              residual_postnorm | hc | mhc | frac | resi_dual | altup | vwn (see configs/lm.py)
   n, m        HC / mHC expansion rate, Frac-Connections frac-rate (paper: n = 2)
   dynamic     SHC (false) or DHC (true); tanh follows dynamic
   size        tiny | cpu (the embedded 8x8 digits, no download) | vit_b16 | vit_l16 (ImageNet,

@@ -9,6 +9,8 @@ from typing import Any
 
 import ml_collections
 
+from hyperconn_jax import data, models, sharding
+
 SCHEDULES = ('cosine', 'constant', 'step')
 MOMENT_DTYPES = ('float32', 'bfloat16')
 _TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
@@ -133,15 +135,7 @@ def _validate_mesh(m) -> None:
 
 def validate_mesh_for_devices(config, num_devices: int) -> None:
   """Checks that config.mesh fits `num_devices` and the global batch divides over its batch axes."""
-  shape = list(config.mesh.shape)
-  known = math.prod(s for s in shape if s != -1)
-  _check(num_devices % known == 0, 'mesh.shape', config.mesh.shape,
-         f'the product of the fixed sizes must divide the {num_devices} available devices')
-  if -1 in shape:
-    shape[shape.index(-1)] = num_devices // known
-  _check(math.prod(shape) == num_devices, 'mesh.shape', config.mesh.shape,
-         f'must use all {num_devices} devices (or contain -1)')
-  sizes = dict(zip(config.mesh.axes, shape))
+  sizes = dict(zip(config.mesh.axes, sharding.mesh_shape(config.mesh, num_devices)))
   batch_axes = dict(config.mesh.rules).get('batch')
   batch_axes = batch_axes if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
   shards = math.prod(sizes[a] for a in batch_axes if a is not None)
@@ -153,7 +147,6 @@ def validate_mesh_for_devices(config, num_devices: int) -> None:
 
 def validate(config) -> None:
   """Validates every constrained field of a full config; raises ValueError before any compilation."""
-  from hyperconn_jax import data, models  # Imported lazily: configs import this module.
   _check(_is_int(config.seed), 'seed', config.seed, 'must be an integer')
   models.validate(config.model)
   data.validate(config.data)

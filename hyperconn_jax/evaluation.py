@@ -6,7 +6,6 @@ bytes come from the tokenizer's `token_bytes` table, so the number is comparable
 Weighted sums are accumulated on device over all batches and fetched once at the end.
 """
 
-import math
 from typing import Any
 
 import jax
@@ -17,7 +16,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hyperconn_jax import data
-from hyperconn_jax import models
 from hyperconn_jax import tasks
 
 PyTree = Any
@@ -43,6 +41,7 @@ class Evaluator:
       batch_sharding: sharding of [B, L] batches.
     """
     self._config = config
+    self._task = tasks.of(config.model)
     self._batch_sharding = batch_sharding
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
     self._token_bytes = jax.device_put(
@@ -50,7 +49,7 @@ class Evaluator:
 
     def eval_step(model, batch, token_bytes, sums):
       net = nnx.merge(graphdef, model['params'], model['rest'])
-      return jax.tree.map(jnp.add, sums, tasks.eval_sums(config, net, batch, token_bytes))
+      return jax.tree.map(jnp.add, sums, self._task.eval_sums(net, batch, token_bytes))
 
     batch_shardings = {k: batch_sharding for k in ('inputs', 'targets', 'weights')}
     self._step = jax.jit(eval_step,
@@ -66,27 +65,18 @@ class Evaluator:
       num_batches: batches to use (default config.train.eval_batches; <= 0: the whole split).
 
     Returns:
-      {'eval_loss': nats per token, 'eval_ppl': exp(eval_loss), 'eval_bits_per_byte': ...,
-       'eval_tokens': number of (weighted) target tokens}; for classifiers
-      tasks.classification_results: {'eval_loss', 'eval_accuracy', 'eval_examples'}.
+      The task's results (tasks.py): for LMs {'eval_loss': nats per token, 'eval_ppl':
+      exp(eval_loss), 'eval_bits_per_byte': ..., 'eval_tokens': number of (weighted) target
+      tokens}; for classifiers {'eval_loss', 'eval_accuracy', 'eval_examples'}.
     """
     num_batches = self._config.train.eval_batches if num_batches is None else num_batches
-    sums = jax.device_put({k: np.zeros((), np.float32) for k in tasks.eval_sum_keys(self._config)},
+    sums = jax.device_put({k: np.zeros((), np.float32) for k in self._task.eval_sum_keys},
                           self._replicated)
     batches = data.make_eval_iterator(self._config, process_index=jax.process_index(),
                                       process_count=jax.process_count(), num_batches=num_batches)
     for local in batches:
       sums = self._step(model, global_batch(local, self._batch_sharding), self._token_bytes, sums)
     sums = jax.device_get(sums)
-    tokens = float(sums['weight'])
-    if tokens == 0:
+    if float(sums['weight']) == 0:
       raise ValueError(f'the eval split {self._config.data.eval_split!r} gave no tokens')
-    if models.task(self._config.model) == 'classification':
-      return tasks.classification_results(sums)
-    loss = float(sums['ce']) / tokens
-    return {
-        'eval_loss': loss,
-        'eval_ppl': math.exp(min(loss, 700.0)),
-        'eval_bits_per_byte': float(sums['ce']) / max(float(sums['bytes']), 1.0) / math.log(2),
-        'eval_tokens': tokens,
-    }
+    return self._task.results(sums)

@@ -46,3 +46,12 @@ class Norm(nnx.Module):
     if self.scale is not None:
       y = y * self.scale[...].astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def inv_std(x: jax.Array, norm: Norm) -> jax.Array:
+  """1 / (the std (layernorm) or RMS (rmsnorm) of x over its last axis) as `norm` computes it,
+  float32 [...] (the analyses write a norm as this per-token scale)."""
+  x = x.astype(jnp.float32)
+  if norm.kind == 'layernorm':
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+  return jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1) + norm.eps)

@@ -131,31 +131,6 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, num_steps: int,
   return adamw
 
 
-def lm_loss_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array,
-                 z_loss: float) -> dict[str, jax.Array]:
-  """Weighted sums of the language-model losses of one batch (float32).
-
-  Sums, not means, so that microbatches and data shards add up exactly; divide by 'weight'.
-
-  Args:
-    logits_BxLxV: logits (any float dtype; computed in float32).
-    targets_BxL: int32 next-token ids.
-    weights_BxL: float32 per-token weights (0 for padding).
-    z_loss: coefficient of the z-loss term z_loss * logsumexp(logits)^2 (0 disables).
-
-  Returns:
-    {'ce': sum of w * cross-entropy, 'z': sum of w * logsumexp^2 (unscaled), 'weight': sum of w,
-     'objective': ce + z_loss * z}.
-  """
-  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-  lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  ce = jnp.sum(weights_BxL * (lse_BxL - target_logit_BxL))
-  z = jnp.sum(weights_BxL * jnp.square(lse_BxL))
-  objective = ce + z_loss * z if z_loss else ce
-  return {'ce': ce, 'z': z, 'weight': jnp.sum(weights_BxL), 'objective': objective}
-
-
 def accumulated_grads(sums_fn: Callable[[PyTree, dict], dict[str, jax.Array]], params: PyTree,
                       batch: dict[str, jax.Array], num_microbatches: int
                       ) -> tuple[dict[str, jax.Array], PyTree]:

@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules and sharded model creation.
+"""Device mesh and logical-axis rules (sharded model creation: models.create_model).
 
 Model code names only logical axes ('embed', 'mlp', 'heads', 'kv', 'vocab', 'layers', 'streams',
 'hc', 'batch', 'length'); config.mesh.rules maps them onto the mesh axes config.mesh.axes.
@@ -11,7 +11,6 @@ another dimension of the same parameter wins (MaxText-style fallbacks).
 """
 
 import contextlib
-import functools
 import math
 
 import jax
@@ -120,46 +119,11 @@ def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
 
 
-def _variable_sharding(variable: nnx.Variable, mesh, rules) -> NamedSharding:
+def variable_sharding(variable: nnx.Variable, mesh, rules) -> NamedSharding:
+  """The NamedSharding of a variable on `mesh`, from its logical axis names (`out_sharding`)."""
   value = variable.get_value()
   names = variable.get_metadata().get('out_sharding') or (None,) * len(value.shape)
   return NamedSharding(mesh, logical_to_spec(names, value.shape, mesh, rules))
-
-
-def abstract_model(model_config, mesh: jax.sharding.Mesh, rules):
-  """(graphdef, abstract_state) of the model: the state's leaves are ShapeDtypeStructs with
-  NamedShardings on `mesh` (e.g. the restore target of a checkpoint). Allocates nothing."""
-  from hyperconn_jax.models import build_model  # Here: the models import this module.
-  abstract = nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
-  graphdef, abstract_state = nnx.split(abstract)
-
-  def with_sharding(variable):
-    value = variable.get_value()
-    return variable.replace(jax.ShapeDtypeStruct(
-        value.shape, value.dtype, sharding=_variable_sharding(variable, mesh, rules)))
-
-  abstract_state = jax.tree.map(with_sharding, abstract_state,
-                                is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return graphdef, abstract_state
-
-
-def create_model(model_config, mesh: jax.sharding.Mesh, rules, seed: int):
-  """Builds the model with its parameters created directly in their shards (a jitted
-  initialisation with out_shardings: no parameter is ever whole on one device).
-
-  Gives the same parameter values as models.build_model(model_config, nnx.Rngs(seed)).
-  """
-  from hyperconn_jax.models import build_model  # Here: the models import this module.
-  graphdef, abstract_state = abstract_model(model_config, mesh, rules)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-
-  @functools.partial(jax.jit, out_shardings=shardings)
-  def init():
-    return nnx.state(build_model(model_config, nnx.Rngs(seed)))
-
-  with activate(mesh, rules):
-    state = init()
-  return nnx.merge(graphdef, state)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules) -> NamedSharding:

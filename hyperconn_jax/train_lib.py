@@ -32,9 +32,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hyperconn_jax import checkpoint
 from hyperconn_jax import config_lib
+from hyperconn_jax import connections
 from hyperconn_jax import data
 from hyperconn_jax import evaluation
 from hyperconn_jax import metrics as metrics_lib
+from hyperconn_jax import models
 from hyperconn_jax import optim
 from hyperconn_jax import sharding
 from hyperconn_jax import tasks
@@ -95,7 +97,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f'--workdir={workdir}: no {metrics_lib.CONFIG_FILE} (is it a training run '
                      'directory?)')
   with open(path) as f:
-    saved = config_from_json(json.load(f))
+    saved_json = json.load(f)
+  # Runs written before the per-kind connection sub-configs hold a flat model.connection.
+  model_json = saved_json.get('model', {})
+  if 'connection' in model_json:
+    model_json['connection'] = connections.migrate(model_json['connection'])
+  saved = config_from_json(saved_json)
   config = base.get_config()
   _merge(config, saved)
   return config
@@ -140,7 +147,7 @@ def abstract_model_state(model_config: ml_collections.ConfigDict, mesh: jax.shar
                          ) -> tuple[nnx.GraphDef, PyTree, nnx.State]:
   """The model's graphdef, its abstract pure state {'params', 'rest'} (ShapeDtypeStructs with
   shardings on `mesh`: a restore target) and the typed abstract parameters (for the decay mask)."""
-  graphdef, abstract_state = sharding.abstract_model(model_config, mesh, rules)
+  graphdef, abstract_state = models.abstract_model(model_config, mesh, rules)
   typed_params, typed_rest = nnx.split_state(abstract_state, nnx.Param, ...)
   return graphdef, {'params': nnx.as_pure(typed_params), 'rest': nnx.as_pure(typed_rest)}, typed_params
 
@@ -168,7 +175,7 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
 
 def init_state(config: ml_collections.ConfigDict, setup: Setup) -> TrainState:
   """A fresh TrainState (parameters from config.seed), created directly in its shards."""
-  model = sharding.create_model(config.model, setup.mesh, setup.rules, config.seed)
+  model = models.create_model(config.model, setup.mesh, setup.rules, config.seed)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   params, rest = nnx.as_pure(params), nnx.as_pure(rest)
   opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(params)

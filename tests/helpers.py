@@ -3,12 +3,15 @@
 import os
 import random
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax import traverse_util
 import pytest
 
 from configs import base
-from hyperconn_jax import models
+from hyperconn_jax import connections, models
 
 _WORDS = ('the', 'quick', 'brown', 'fox', 'jumps', 'over', 'lazy', 'dog', 'hyper', 'connection',
           'stream', 'residual', 'layer', 'norm', 'matrix', 'width', 'depth', 'token')
@@ -26,6 +29,19 @@ def write_corpus(directory: str, num_docs: int = 120) -> str:
   return os.path.join(directory, '*.txt')
 
 
+TINY_VOCAB = 64
+
+
+def tiny_model(kind: str = 'residual_prenorm', **connection):
+  """The tests' one tiny model (config.model): vocab 64, d 32, 2 layers of 2 heads x 16, MLP 64,
+  fp32, with connection `kind` and its options (model.connection.<kind>) overridden."""
+  c = base.get_config().model
+  c.update(vocab_size=TINY_VOCAB, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64)
+  c.connection.kind = kind
+  c.connection[kind].update(connection)
+  return c
+
+
 def tiny_config(corpus_glob: str, data_dir: str, **train_overrides):
   """A 2-layer, d=32 HC model on the text_files corpus: batch 8, sequences of 32 bytes.
 
@@ -35,8 +51,8 @@ def tiny_config(corpus_glob: str, data_dir: str, **train_overrides):
     **train_overrides: config.train fields to change (num_steps, eval_every, ...).
   """
   config = base.get_config()
-  config.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64)
-  config.model.connection.update(n=2)
+  config.model = tiny_model('hc', n=2)
+  config.model.vocab_size = 256  # The byte tokenizer's.
   config.data.update(dataset='text_files', text_glob=corpus_glob, data_dir=data_dir, seq_len=32,
                      shuffle_window=16)
   config.optim.update(lr=3e-3, warmup_steps=5)
@@ -45,6 +61,33 @@ def tiny_config(corpus_glob: str, data_dir: str, **train_overrides):
   config.train.update(**train_overrides)
   config.lock()
   return config
+
+
+def connection_config(kind, **options):
+  """config.model.connection of `kind` with its options (model.connection.<kind>) overridden."""
+  config = base.connection_config()
+  config.kind = kind
+  config[kind].update(options)
+  return config
+
+
+def build_connection_modules(config, dim, sublayer_index=0, norm_eps=1e-5):
+  """(streams, connection) of config.model.connection for width `dim`, outside any mesh."""
+  with nnx.use_eager_sharding(False):
+    streams = connections.build_streams(config, dim=dim, norm_eps=norm_eps, rngs=nnx.Rngs(0))
+    connection = connections.build_connection(config, dim=dim, sublayer_index=sublayer_index,
+                                              norm_kind='layernorm', norm_eps=norm_eps,
+                                              rngs=nnx.Rngs(0))
+  return streams, connection
+
+
+def randomize(module, seed, scale=0.5):
+  """Sets every variable (static and dynamic parts, scales, gates, biases) to random values."""
+  state = nnx.state(module, nnx.Variable)
+  leaves, treedef = jax.tree.flatten(state)
+  rng = np.random.default_rng(seed)
+  new = [jnp.asarray(rng.normal(size=leaf.shape) * scale, leaf.dtype) for leaf in leaves]
+  nnx.update(module, jax.tree.unflatten(treedef, new))
 
 
 def flat(model_or_state) -> dict:

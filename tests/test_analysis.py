@@ -12,6 +12,7 @@ import pytest
 
 import helpers
 from configs import base, lm
+from hyperconn_jax import connections as connections_lib
 from hyperconn_jax import train_lib
 from hyperconn_jax.analysis import diagnostics, runner, trace
 from hyperconn_jax.models import build_model
@@ -27,7 +28,8 @@ def loop_model(arg):
 
 
 def connections(model):
-  return [node for _, node in nnx.iter_graph(model) if trace._is_connection(node)]
+  return [node for _, node in nnx.iter_graph(model)
+          if isinstance(node, connections_lib.connection_types())]
 
 
 def tokens_of(model):
@@ -138,7 +140,7 @@ def test_mhc_gain_stays_near_one_while_hc_grows():
 def test_collapse_matches_the_decoders_hidden_states():
   config = lm.get_config('connection=hc,n=2,size=tiny')
   model = build_model(config.model, nnx.Rngs(0))  # Scanned layout.
-  _, hidden_Kx2xBxLxD = model(jnp.asarray(TOKENS_BxL), return_hidden=True)
+  hidden_Kx2xBxLxD = model.forward(jnp.asarray(TOKENS_BxL), return_hidden=True).hidden
   h = np.asarray(hidden_Kx2xBxLxD).reshape(-1, *hidden_Kx2xBxLxD.shape[2:])
   cos = np.sum(h[:-1] * h[1:], -1) / np.linalg.norm(h[:-1], axis=-1) / np.linalg.norm(h[1:],
                                                                                       axis=-1)
@@ -186,8 +188,8 @@ def test_analyze_checkpoint_writes_json_and_png(trained, tmp_path):
 def test_other_models_at_init_give_the_hc_prenorm_matrix(model_kind):
   """HC x2 at init is Pre-Norm on each stream: all-ones rows, the output row sums 2 streams."""
   config = base.get_config()
-  config.model.update(d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=32)
-  config.model.connection.n = 2
+  config.model = helpers.tiny_model('hc', n=2)
+  config.model.update(vocab_size=256, mlp_dim=32)
   if model_kind == 'vit':
     config.model.name = 'vit'
     v = config.model.vit

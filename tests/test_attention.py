@@ -170,7 +170,7 @@ def test_splash_compiles_for_a_tpu_topology():
   rules = sharding.logical_rules(mcfg)
   c = model_config('decoder_lm', 'auto', dtype='bfloat16', head_dim=128, d_model=256,
                    num_layers=1)
-  graphdef, abstract_state = sharding.abstract_model(c, mesh, rules)
+  graphdef, abstract_state = models.abstract_model(c, mesh, rules)
   tokens = jax.ShapeDtypeStruct((4, 256), jnp.int32,
                                 sharding=sharding.batch_sharding(mesh, rules))
 

@@ -35,7 +35,8 @@ def _set(config, path, value):
   node[leaf] = value
 
 
-_HC, _MHC, _FRAC = ({'model.connection.kind': k} for k in ('hc', 'mhc', 'frac'))
+_HC, _MHC, _FRAC, _ALTUP = ({'model.connection.kind': k} for k in ('hc', 'mhc', 'frac', 'altup'))
+_VWN = {'model.connection.kind': 'vwn', 'model.tie_embeddings': False}
 _MOE = {'model.ffn': 'moe'}
 _VIT = {'model.name': 'vit', 'data.dataset': 'digits'}
 
@@ -67,20 +68,31 @@ BAD_VALUES = [
     ('model.ffn', 'sparse', {}),
     ('model.mlp_activation', 'relu', {}),
     ('model.connection.kind', 'nope', {}),
-    ('model.connection.n', 0, _HC),
-    ('model.connection.n', 0, _MHC),
-    ('model.connection.m', 0, _FRAC),
-    ('model.connection.m', 5, _FRAC),  # Must divide model.d_model=256.
-    ('model.connection.dynamic_norm', 'batchnorm', _HC),
-    ('model.connection.out_proj_sqrt_n', 'half', _HC),
-    ('model.connection.sinkhorn_iters', 0, _MHC),
-    ('model.connection.post_mult', 0.0, _MHC),
-    ('model.connection.res_init', 'random', _MHC),
-    ('model.connection.pre_init', 'random', _MHC),
-    ('model.connection.pre_off_home', 0.3, _MHC),  # n = 4: must be below 1/4.
-    ('model.connection.pre_off_home', 0.0, _MHC),
-    ('model.connection.mappings', ('pre', 'bogus'), _MHC),
-    ('model.connection.reduce', 'mean', _MHC),
+    ('model.connection.hc.n', 0, _HC),
+    ('model.connection.mhc.n', 0, _MHC),
+    ('model.connection.frac.m', 0, _FRAC),
+    ('model.connection.frac.m', 5, _FRAC),  # Must divide model.d_model=256.
+    ('model.connection.hc.dynamic_norm', 'batchnorm', _HC),
+    ('model.connection.hc.out_proj_sqrt_n', 'half', _HC),
+    ('model.connection.mhc.sinkhorn_iters', 0, _MHC),
+    ('model.connection.mhc.post_mult', 0.0, _MHC),
+    ('model.connection.mhc.res_init', 'random', _MHC),
+    ('model.connection.mhc.pre_init', 'random', _MHC),
+    ('model.connection.mhc.pre_off_home', 0.3, _MHC),  # n = 4: must be below 1/4.
+    ('model.connection.mhc.pre_off_home', 0.0, _MHC),
+    ('model.connection.mhc.mappings', ('pre', 'bogus'), _MHC),
+    ('model.connection.mhc.reduce', 'mean', _MHC),
+    ('model.connection.frac.dynamic_norm', 'batchnorm', _FRAC),
+    ('model.connection.mhc.index_base', -1, _MHC),
+    ('model.connection.hc.index_base', -1, _HC),
+    ('model.connection.altup.n', 0, _ALTUP),
+    ('model.connection.altup.index_base', -1, _ALTUP),
+    ('model.connection.mhc.out_proj_sqrt_n', 'half', _MHC),
+    ('model.connection.vwn.m', 3, _VWN),  # Must divide model.d_model=256.
+    ('model.connection.vwn.n', 1, _VWN),  # n >= m.
+    ('model.connection.vwn.reduce_norm', 'batch', _VWN),
+    ('model.connection.vwn.reduce_init', 'zeros', _VWN),
+    ('model.tie_embeddings', True, _VWN),  # The 2x wider embedding cannot be tied.
     ('model.moe.num_experts', 0, _MOE),
     ('model.moe.top_k', 0, _MOE),
     ('model.moe.top_k', 9, _MOE),  # More than model.moe.num_experts=8.
@@ -145,9 +157,9 @@ BAD_VALUES = [
 ]
 # Fields without a constraint beyond their type.
 UNCONSTRAINED = {
-    'model.connection.alpha_scale_init', 'model.connection.beta_scale_init',
-    'model.connection.gate_init', 'model.connection.res_offdiag_logit',  # Initial values.
-    'model.connection.index_base',  # Any integer: taken modulo n.
+    *(f'model.connection.{k}.{f}' for k in ('hc', 'frac') for f in ('alpha_scale_init',
+                                                                     'beta_scale_init')),
+    'model.connection.mhc.gate_init', 'model.connection.mhc.res_offdiag_logit',  # Initial values.
 }
 # Checked by the image pipeline (data/images.py) when it opens the dataset, before compilation.
 IMAGE_PIPELINE = {'data.image_key', 'data.label_key'}
@@ -213,11 +225,14 @@ def test_default_configs_validate_and_are_the_documented_runs():
   for kind in connections.KINDS:
     config = base.get_config()
     config.model.connection.kind = kind
+    # A kind that widens the embedding (vwn) needs an untied unembedding.
+    width = connections.layout(config.model.connection, config.model.d_model).embed_width
+    config.model.tie_embeddings = width == config.model.d_model
     config_lib.validate(config)
   config = default.get_config()
   config_lib.validate(config)
   m = config.model
-  assert (m.connection.kind, m.connection.n, m.connection.dynamic, m.connection.tanh) == (
-      'hc', 4, True, True)
+  hc = m.connection.hc
+  assert (m.connection.kind, hc.n, hc.dynamic, hc.tanh) == ('hc', 4, True, True)
   assert (m.d_model, m.num_layers, m.vocab_size) == (128, 4, 256)
   assert (config.data.dataset, config.data.tokenizer) == ('stdlib', 'bytes')

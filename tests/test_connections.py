@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import helpers
 from configs import base
 from hyperconn_jax import connections, params
 from hyperconn_jax.connections import sinkhorn as sinkhorn_lib
@@ -23,30 +24,9 @@ B, L, EPS = 2, 3, 1e-5
 
 # ----------------------------------------------------------------------------------- helpers
 
-def make_config(kind, **overrides):
-  config = base.connection_config()
-  config.kind = kind
-  for key, value in overrides.items():
-    setattr(config, key, value)
-  return config
-
-
-def build(config, dim, sublayer_index=0, norm_eps=EPS):
-  with nnx.use_eager_sharding(False):
-    streams = connections.build_streams(config, dim=dim, norm_eps=norm_eps, rngs=nnx.Rngs(0))
-    connection = connections.build_connection(config, dim=dim, sublayer_index=sublayer_index,
-                                              norm_kind='layernorm', norm_eps=norm_eps,
-                                              rngs=nnx.Rngs(0))
-  return streams, connection
-
-
-def randomize(module, seed, scale=0.5):
-  """Sets every variable (static and dynamic parts, scales, gates, biases) to random values."""
-  state = nnx.state(module, nnx.Variable)
-  leaves, treedef = jax.tree.flatten(state)
-  rng = np.random.default_rng(seed)
-  new = [jnp.asarray(rng.normal(size=leaf.shape) * scale, leaf.dtype) for leaf in leaves]
-  nnx.update(module, jax.tree.unflatten(treedef, new))
+make_config = helpers.connection_config
+build = helpers.build_connection_modules
+randomize = helpers.randomize
 
 
 def value(module, name):
@@ -88,6 +68,7 @@ def ref_sigmoid(v):
 
 def ref_hc_coefficients(x, module, config):
   """HC Eqs. 10-13 (and FC Eqs. 9-14, the same with fractions): alpha [B,L,N,M], beta [B,L,N]."""
+  config = config[config.kind]
   nb, nl, n = x.shape[:3]
   static_alpha, static_beta = value(module, 'static_alpha'), value(module, 'static_beta')
   alpha = np.zeros((nb, nl) + static_alpha.shape)
@@ -157,6 +138,7 @@ def ref_sinkhorn(logits, iters):
 def ref_mhc_coefficients(x, module, config):
   """mHC Eqs. 7-8 per token: H_pre [B,L,n], H_post [B,L,n], H_res [B,L,n,n] (fixed ones if
   not learned)."""
+  config = config.mhc
   nb, nl, n, d = x.shape
   learned = [name for name in ('pre', 'post', 'res') if name in config.mappings]
   sizes = {'pre': n, 'post': n, 'res': n * n}
@@ -770,8 +752,9 @@ def test_connections_build_under_a_mesh_with_rules():
   mesh = jax.make_mesh((1, 8, 1), ('data', 'fsdp', 'tensor'),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    for kind in ('hc', 'mhc', 'frac'):
-      config = make_config(kind, reduce='head', dynamic_norm_affine=True)
+    for kind, overrides in (('hc', dict(dynamic_norm_affine=True)), ('mhc', dict(reduce='head')),
+                            ('frac', dict(dynamic_norm_affine=True)), ('vwn', {})):
+      config = make_config(kind, **overrides)
       connections.build_streams(config, dim=32, norm_eps=EPS, rngs=nnx.Rngs(0))
       connection = connections.build_connection(config, dim=32, sublayer_index=0,
                                                 norm_kind='layernorm', norm_eps=EPS,
@@ -790,58 +773,69 @@ BAD_OPTIONS = [
     ('mhc', 'post_mult', 1.0), ('mhc', 'post_mult', 0.5),
     ('mhc', 'res_init', 'eye'), ('mhc', 'reduce', 'mean'),
     ('mhc', 'mappings', ('pre', 'resid')), ('mhc', 'mappings', 'pre'),
-    ('mhc', 'train_width', False), ('mhc', 'train_beta', False),
     ('hc', 'out_proj_sqrt_n', 'sqrt'), ('mhc', 'out_proj_sqrt_n', 'up'),
-    ('residual_prenorm', 'out_proj_sqrt_n', 'divided'),
     ('hc', 'dynamic_norm_affine', True),  # With dynamic_norm='none' (set below).
-    ('altup', 'n', 0), ('altup', 'index_base', -2), ('altup', 'train_width', False),
+    ('altup', 'n', 0), ('altup', 'index_base', -2),
+    ('vwn', 'm', 0), ('vwn', 'm', 3), ('vwn', 'n', 1), ('vwn', 'dynamic', 1),
+    ('vwn', 'reduce_norm', 'layer'), ('vwn', 'reduce_init', 'zeros'),
 ]
 
 
 @pytest.mark.parametrize('kind,field,bad', BAD_OPTIONS)
 def test_validate_names_field_and_value(kind, field, bad):
   # A plain namespace: ConfigDict itself refuses some of these types before validate sees them.
-  config = types.SimpleNamespace(**make_config(kind).to_dict())
-  setattr(config, field, bad)
+  options = types.SimpleNamespace(**make_config(kind)[kind].to_dict())
+  config = types.SimpleNamespace(kind=kind, **{kind: options})
+  setattr(options, field, bad)
   if field == 'dynamic_norm_affine':
-    config.dynamic_norm = 'none'
-  with pytest.raises(ValueError, match=f'model\\.connection\\.{field} ') as err:
+    options.dynamic_norm = 'none'
+  with pytest.raises(ValueError, match=f'model\\.connection\\.{kind}\\.{field} ') as err:
     connections.validate(config, 16)
   assert repr(bad) in str(err.value)
-  with pytest.raises(ValueError, match=f'model\\.connection\\.{field} '):
-    build(config, 16)
 
 
 def test_validate_special_cases():
+  config = base.connection_config()
+  config.kind = 'dense'
   with pytest.raises(ValueError, match=r"model\.connection\.kind .*'dense'"):
-    connections.validate(make_config('dense'), 16)
-  with pytest.raises(ValueError, match=r'model\.connection\.tanh .*True'):
+    connections.validate(config, 16)
+  with pytest.raises(ValueError, match=r'model\.connection\.hc\.tanh .*True'):
     connections.validate(make_config('hc', dynamic=False), 16)  # tanh=True by default.
-  with pytest.raises(ValueError, match=r'model\.connection\.tanh '):
+  with pytest.raises(ValueError, match=r'model\.connection\.frac\.tanh '):
     connections.validate(make_config('frac', dynamic=False), 16)
-  with pytest.raises(ValueError, match=r'model\.connection\.n .*1'):
+  with pytest.raises(ValueError, match=r'model\.connection\.mhc\.n .*1'):
     connections.validate(make_config('mhc', n=1), 16)  # H_pre init logit(1) is infinite.
+  with pytest.raises(ValueError, match=r'model\.connection\.vwn\.reduce_norm .*none'):
+    connections.validate(make_config('vwn', m=2, n=3), 16)  # Groups of D need m | n.
   # Options a kind does not read are not checked: a static variant ignores the dynamic branch's
-  # norm and scale, hc ignores the mHC options, mhc with n = 1 and H_pre fixed is fine.
+  # norm and scale, mhc with n = 1 and H_pre fixed is fine, and the sub-configs of the kinds not
+  # chosen are not read at all.
   for kind, overrides in (
       ('hc', dict(dynamic=False, tanh=False, dynamic_norm='bogus', scale=False)),
       ('frac', dict(dynamic=False, tanh=False, dynamic_norm_affine=True, dynamic_norm='none')),
-      ('hc', dict(sinkhorn_iters=0, post_mult=0.0, reduce='x', mappings=('y',))),
       ('mhc', dict(n=1, mappings=('post', 'res'))),
-      ('mhc', dict(dynamic_norm='bogus', m=3)),
-      ('residual_postnorm', dict(n=0, m=0)),
+      ('vwn', dict(m=2, n=3, reduce_norm='none')),
   ):
     connections.validate(make_config(kind, **overrides), 16)
+  config = make_config('hc')
+  config.mhc.update(sinkhorn_iters=0, post_mult=0.0, reduce='x', mappings=('y',))
+  config.frac.m = 3
+  connections.validate(config, 16)
+  # Every registered kind's defaults are valid (at a width every default divides).
+  for kind in connections.KINDS:
+    connections.validate(make_config(kind), 16)
 
 
 @pytest.mark.parametrize('kind,n,mode,want', [
     ('hc', 4, 'none', 1.0), ('hc', 4, 'divide', 0.5), ('hc', 4, 'multiply', 2.0),
-    ('mhc', 9, 'divide', 1.0 / 3.0), ('frac', 4, 'multiply', 1.0),
-    ('residual_prenorm', 4, 'divide', 1.0),
+    ('mhc', 9, 'divide', 1.0 / 3.0),
 ])
 def test_out_proj_init_multiplier(kind, n, mode, want):
   config = make_config(kind, n=n, out_proj_sqrt_n=mode)
   assert connections.out_proj_init_multiplier(config) == pytest.approx(want)
+  # The kinds without out_proj_sqrt_n keep the output projections' init.
+  for other in set(connections.KINDS) - {'hc', 'mhc'}:
+    assert connections.out_proj_init_multiplier(make_config(other)) == 1.0
 
 
 # ------------------------------------------------------------------------------ dtype and jit

@@ -13,20 +13,16 @@ from flax import nnx
 import helpers
 from configs import base, lm
 from hyperconn_jax import models, params
-from hyperconn_jax.models import decoder, sizes
+from hyperconn_jax.models import sizes, trunk
 
-B, L, V = 2, 8, 64
+B, L, V = 2, 8, helpers.TINY_VOCAB
 
 
 def tiny_config(kind='residual_prenorm', **connection):
   """A tiny fp32 model: d 32, 2 layers of 2 heads x 16, SwiGLU 64, vocab 64."""
-  c = base.get_config().model
-  c.update(dict(vocab_size=V, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64))
-  c.connection.kind = kind
   if kind in ('hc', 'frac') and not connection.get('dynamic', True):
     connection.setdefault('tanh', False)  # tanh acts on the dynamic branch only.
-  c.connection.update(connection)
-  return c
+  return helpers.tiny_model(kind, **connection)
 
 
 def tokens(seed=0):
@@ -34,7 +30,7 @@ def tokens(seed=0):
 
 
 def is_connection_path(path):
-  return any(k in decoder.CONNECTION_ATTRS for k in path)
+  return any(k in trunk.CONNECTION_ATTRS for k in path)
 
 
 def copy_sublayer_weights(src, dst):
@@ -120,7 +116,7 @@ def test_causal_through_gradients(kind, opts):
   @nnx.jit
   @functools.partial(nnx.grad, argnums=1)
   def grad_fn(m, h, t):
-    return jnp.sum(jnp.take(m.logits_from_embeddings(h), t, axis=1) * w_BxV)
+    return jnp.sum(jnp.take(m.forward_embeddings(h).logits, t, axis=1) * w_BxV)
 
   for t in (0, 3, L - 1):
     g_BxLxD = grad_fn(model, h_BxLxD, t)
@@ -144,10 +140,10 @@ def test_scan_equals_python_loop():
     for module in ('attn_connection', 'mlp_connection'):
       np.testing.assert_array_equal(fresh[('blocks', module, 'static_alpha')][l],
                                     helpers.flat(loop)[('blocks', l, module, 'static_alpha')])
-  decoder.copy_weights(scanned, loop)
+  trunk.copy_weights(scanned, loop)
   tok = tokens()
-  logits_s, hidden_s = scanned(tok, return_hidden=True)
-  logits_l, hidden_l = loop(tok, return_hidden=True)
+  logits_s, hidden_s, _ = scanned.forward(tok, return_hidden=True)
+  logits_l, hidden_l, _ = loop.forward(tok, return_hidden=True)
   assert hidden_s.shape == (cfg.num_layers, 2, B, L, cfg.d_model)
   # Hidden [0, 0] is the first attention's branch input: the embedding mixed by A_m (row 0).
   alpha_0 = nnx.state(scanned)['blocks']['attn_connection']['static_alpha'][...][0, :, 0]
@@ -161,7 +157,7 @@ def test_scan_equals_python_loop():
   assert not np.allclose(alpha[0], alpha[1])
   # And back: loop -> scanned reproduces the original parameters exactly.
   back = models.build_model(cfg, nnx.Rngs(7))
-  decoder.copy_weights(loop, back)
+  trunk.copy_weights(loop, back)
   for k, v in helpers.flat(scanned).items():
     np.testing.assert_array_equal(helpers.flat(back)[k], v)
 
@@ -199,7 +195,7 @@ def test_remat_equals_no_remat(policy, no_remat_run):
   # Guard against comparing a config with itself (nanodo's remat test did).
   assert plain_cfg.remat_policy == 'none' and remat_cfg.remat_policy != plain_cfg.remat_policy
   remat = models.build_model(remat_cfg, nnx.Rngs(3))
-  decoder.copy_weights(plain, remat)
+  trunk.copy_weights(plain, remat)
   tok = tokens()
   # The policy is really applied: the differentiated program contains a remat region.
   assert _has_remat(remat, tok) and not _has_remat(plain, tok)
@@ -214,7 +210,7 @@ def test_unknown_remat_policy_raises():
   cfg = tiny_config()
   cfg.remat_policy = 'everything'
   with pytest.raises(ValueError, match='model.remat_policy'):
-    decoder.remat_policy(cfg.remat_policy)
+    trunk.remat_policy(cfg.remat_policy)
   with pytest.raises(ValueError, match='model.remat_policy'):
     models.build_model(cfg, nnx.Rngs(0))
 
@@ -239,7 +235,7 @@ def test_gradients_reach_every_connection_parameter(kind, opts):
   conn = {k: np.asarray(g) for k, g in grads.items() if is_connection_path(k)}
   assert conn, 'the model has no connection parameters'
   assert all(np.all(np.isfinite(np.asarray(g))) for g in grads.values())
-  n = cfg.connection.n
+  n = opts.get('n')  # mhc's streams.
   for path, g in conn.items():
     name = path[-1]
     if name in ZERO_GRAD_AT_INIT:
@@ -284,12 +280,14 @@ def test_param_counts(size, kind, opts, total, extra):
     ('num_heads', 0), ('head_dim', 15), ('head_dim', 0), ('mlp_dim', -1), ('norm', 'batchnorm'),
     ('norm_eps', 0.0), ('rope_theta', -1.0), ('init_std', 0), ('qk_norm', 'yes'),
     ('tie_embeddings', 1), ('scan_layers', None), ('dtype', 'float16'), ('param_dtype', 'int8'),
-    ('remat_policy', 'everything'), ('connection.kind', 'highway'), ('connection.n', 0),
+    ('remat_policy', 'everything'), ('connection.kind', 'highway'), ('connection.hc.n', 0),
 ])
 def test_validate_names_the_field(field, value):
   cfg = tiny_config('hc')
-  parent, _, leaf = ('.' + field).rpartition('.')
-  target = cfg.connection if parent == '.connection' else cfg
+  *parents, leaf = field.split('.')
+  target = cfg
+  for key in parents:
+    target = target[key]
   with target.ignore_type():
     target[leaf] = value
   with pytest.raises(ValueError, match=rf'model\.{re.escape(field)}\b'):
@@ -308,7 +306,7 @@ def test_bfloat16_compute(kind, opts):
   model32 = models.build_model(cfg32, nnx.Rngs(0))
   model16 = models.build_model(cfg16, nnx.Rngs(0))
   perturb(model32)
-  decoder.copy_weights(model32, model16)
+  trunk.copy_weights(model32, model16)
   assert all(v.dtype == jnp.float32 for v in helpers.flat(model16).values())
   tok = tokens()
   logits16 = model16(tok)
@@ -381,7 +379,7 @@ def test_float32_streams_under_bfloat16_compute(kind='hc', opts=dict(n=2)):
     cfg.update(dict(dtype='bfloat16', stream_dtype=stream_dtype, num_layers=4))
     model = models.build_model(cfg, nnx.Rngs(0))
     perturb(model)
-    logits, hidden = model(tokens(), return_hidden=True)
+    logits, hidden, _ = model.forward(tokens(), return_hidden=True)
     assert hidden.dtype == jnp.dtype(stream_dtype)
     results[stream_dtype] = logits
   cfg32 = tiny_config(kind, **opts)

@@ -17,19 +17,16 @@ from jax.sharding import PartitionSpec as P
 from configs import base
 from configs import moe as moe_configs
 from hyperconn_jax import models, sharding, tasks
-from hyperconn_jax.models import decoder, moe, sizes
+from hyperconn_jax.models import moe, sizes, trunk
 
 B, L, V = 2, 8, 64
 
 
 def moe_config(kind='residual_prenorm', capacity_factor=0.0, **connection):
   """A tiny fp32 MoE decoder: d 32, 2 layers, 4 experts of hidden 32, top-2."""
-  c = base.get_config().model
-  c.update(dict(vocab_size=V, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=32,
-                ffn='moe'))
+  c = helpers.tiny_model(kind, **connection)
+  c.update(dict(vocab_size=V, mlp_dim=32, ffn='moe'))
   c.moe.update(dict(num_experts=4, top_k=2, capacity_factor=capacity_factor))
-  c.connection.kind = kind
-  c.connection.update(connection)
   return c
 
 
@@ -112,7 +109,7 @@ def test_training_objective_adds_weighted_aux_losses():
   batch = {'inputs': tok[:, :-1], 'targets': tok[:, 1:],
            'weights': jnp.ones((B, L)).at[0, :3].set(0.0)}
   def aux_only(model):
-    _, a = model(batch['inputs'], return_aux=True)
+    a = model.forward(batch['inputs']).aux
     return a['load_balance_loss'] + a['router_z_loss'], a
 
   @nnx.jit
@@ -148,10 +145,15 @@ def test_init_equals_prenorm(capacity_factor):
   prenorm = models.build_model(ref_cfg, nnx.Rngs(0))
   hc = models.build_model(hc_cfg, nnx.Rngs(1))
   src, dst = helpers.flat(prenorm), helpers.flat(hc)
-  shared = [k for k in dst if not any(a in decoder.CONNECTION_ATTRS for a in k)]
+  shared = [k for k in dst if not any(a in trunk.CONNECTION_ATTRS for a in k)]
   assert ('blocks', 'mlp', 'gate') in shared
   helpers.set_flat(hc, {**dst, **{k: src[k] for k in shared}})
-  forward = nnx.jit(lambda m, t: m(t, return_aux=True))
+
+  @nnx.jit
+  def forward(m, t):
+    out = m.forward(t)
+    return out.logits, out.aux
+
   expected, aux_expected = forward(prenorm, tok)
   logits, aux = forward(hc, tok)
   assert float(jnp.max(jnp.abs(logits - expected)) / jnp.max(jnp.abs(expected))) < 1e-5
@@ -169,13 +171,13 @@ def test_sharded_equals_unsharded(capacity_factor):
   mesh_cfg.shape = (2, 2, 2)
   mesh, rules = sharding.make_mesh(mesh_cfg), sharding.logical_rules(mesh_cfg)
   with sharding.activate(mesh, rules):  # As train_lib creates it.
-    model = sharding.create_model(cfg, mesh, rules, seed=0)
+    model = models.create_model(cfg, mesh, rules, seed=0)
   params = helpers.flat(model)
   assert params[('blocks', 'mlp', 'gate')].sharding.spec == P(None, 'data', 'fsdp', 'tensor')
   tok = jax.random.randint(jax.random.key(0), (4, L), 0, V)
 
   def loss(m, t):
-    logits, aux = m(t, return_aux=True)
+    logits, _, aux = m.forward(t)
     return jnp.mean(logits ** 2) + aux['load_balance_loss'] + aux['router_z_loss'], aux
 
   def run(m, t):
@@ -228,5 +230,6 @@ def test_olmoe_param_count():
   norms = 16 * (2 * 2048 + 2 * 128) + 2048
   assert sizes.count_params(cfg) == core + norms
   assert math.isclose(core + norms, 6.91909427e9, rel_tol=2e-5)
-  cfg.connection.update(kind='hc', n=4, dynamic=True)
+  cfg.connection.kind = 'hc'
+  cfg.connection.hc.update(n=4, dynamic=True)
   assert sizes.param_counts(cfg)['connection'] == 394_048

@@ -9,17 +9,16 @@ import optax
 import pytest
 from flax import nnx
 
+import helpers
 from configs import base
-from hyperconn_jax import models, optim, params, sharding, train_lib
+from hyperconn_jax import models, optim, params, sharding, tasks, train_lib
 
 
 def model_config(**connection):
   """A tiny model with every parameter kind: RMSNorm scales, embeddings, dynamic HC, kernels."""
-  c = base.get_config().model
-  c.update(vocab_size=64, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64,
-           norm='rmsnorm')
-  c.connection.update(kind='hc', n=2, dynamic=True, dynamic_norm='rmsnorm',
-                      dynamic_norm_affine=True, **connection)
+  c = helpers.tiny_model('hc', n=2, dynamic=True, dynamic_norm='rmsnorm',
+                         dynamic_norm_affine=True, **connection)
+  c.norm = 'rmsnorm'
   return c
 
 
@@ -91,7 +90,7 @@ def test_z_loss_term():
   logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
   targets = jnp.array([[0, 1, 2], [3, 4, 0]])
   weights = jnp.array([[1., 1., 0.], [1., 0., 1.]])
-  sums = optim.lm_loss_sums(logits, targets, weights, 0.5)
+  sums = tasks.lm_loss_sums(logits, targets, weights, 0.5)
   lse = jax.nn.logsumexp(logits, -1)
   ce = lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(sums['ce'], jnp.sum(weights * ce), rtol=1e-6)
@@ -112,7 +111,7 @@ def test_grad_accumulation_equals_big_batch():
 
   def sums_fn(p, b):
     logits = nnx.merge(graphdef, p, rest)(b['inputs'])
-    return optim.lm_loss_sums(logits, b['targets'], b['weights'], 1e-3)
+    return tasks.lm_loss_sums(logits, b['targets'], b['weights'], 1e-3)
 
   sums1, grads1 = jax.jit(lambda p: optim.accumulated_grads(sums_fn, p, batch, 1))(pure)
   sums4, grads4 = jax.jit(lambda p: optim.accumulated_grads(sums_fn, p, batch, 4))(pure)

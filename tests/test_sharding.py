@@ -21,10 +21,7 @@ def mesh_config(shape=(2, 2, 2)):
 
 def hc_config():
   """Tiny dynamic HC x4 model whose big dimensions divide the (2, 2, 2) mesh."""
-  c = base.get_config().model
-  c.update(dict(vocab_size=64, d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64))
-  c.connection.update(dict(kind='hc', n=4, dynamic=True))
-  return c
+  return helpers.tiny_model('hc', n=4, dynamic=True)
 
 
 @pytest.fixture(scope='module')
@@ -32,7 +29,7 @@ def sharded():
   cfg, mcfg = hc_config(), mesh_config()
   mesh = sharding.make_mesh(mcfg)
   rules = sharding.logical_rules(mcfg)
-  return cfg, mesh, rules, sharding.create_model(cfg, mesh, rules, seed=0)
+  return cfg, mesh, rules, models.create_model(cfg, mesh, rules, seed=0)
 
 
 def test_make_mesh_autofill():
@@ -100,7 +97,7 @@ def test_parameters_sharded_per_rules(sharded):
   gate = params[('blocks', 'mlp', 'gate')]
   assert gate.addressable_shards[0].data.shape == (cfg.num_layers, 16, 32)
   # The abstract model (restore target) carries the same shardings, without allocating.
-  _, abstract = sharding.abstract_model(cfg, mesh, rules)
+  _, abstract = models.abstract_model(cfg, mesh, rules)
   for k, v in helpers.flat(abstract).items():
     assert isinstance(v, jax.ShapeDtypeStruct) and v.sharding == params[k].sharding, k
 
@@ -132,7 +129,7 @@ def test_indivisible_vocab_is_replicated():
   cfg.vocab_size = 65
   mesh = sharding.make_mesh(mcfg)
   rules = sharding.logical_rules(mcfg)
-  _, abstract = sharding.abstract_model(cfg, mesh, rules)
+  _, abstract = models.abstract_model(cfg, mesh, rules)
   assert helpers.flat(abstract)[('embed', 'embedding')].sharding.spec == P(None, 'fsdp')
 
 
@@ -171,7 +168,7 @@ def test_sequence_sharding_equals_single_device():
                       None if axes == 'fsdp' else ('data',) if axes == ('data', 'fsdp') else axes)
                      for name, axes in mcfg.rules)
   mesh, rules = sharding.make_mesh(mcfg), sharding.logical_rules(mcfg)
-  model = sharding.create_model(cfg, mesh, rules, seed=0)
+  model = models.create_model(cfg, mesh, rules, seed=0)
   tok = jax.random.randint(jax.random.key(1), (4, 16), 0, cfg.vocab_size)
   with sharding.activate(mesh, rules):
     tok_sharded = jax.device_put(tok, sharding.batch_sharding(mesh, rules))

@@ -29,8 +29,14 @@ def test_every_experiment_builds_a_valid_config():
 
 
 def test_experiments_map_to_the_papers_switches():
-  conn = lambda name, size='cpu': paper.get_config(  # noqa: E731
-      f'experiment={name},size={size}').model.connection
+  def conn(name, size='cpu'):
+    """The chosen kind's options (model.connection.<kind>) with the kind as `.kind`."""
+    connection = paper.get_config(f'experiment={name},size={size}').model.connection
+    options = connection[connection.kind]
+    with options.unlocked():
+      options.kind = connection.kind
+    return options
+
   assert conn('prenorm').kind == 'residual_prenorm'
   assert conn('postnorm').kind == 'residual_postnorm'
   assert (conn('dhc8').n, conn('dhc8').dynamic, conn('dhc8').tanh) == (8, True, True)
@@ -44,11 +50,13 @@ def test_experiments_map_to_the_papers_switches():
   assert (conn('dfc4').kind, conn('dfc4').m, conn('sfc4').dynamic) == ('frac', 4, False)
   assert conn('dfc2_norescale').scale is False and conn('dfc2_notanh').tanh is False
   assert conn('dfc2_nonorm').dynamic_norm == 'none'
+  assert (conn('vwn2').kind, conn('vwn2').m, conn('vwn2').n) == ('vwn', 2, 4)
+  assert (conn('vwn1_5').n, conn('vwn1_5').reduce_norm) == (3, 'none')
   assert paper.get_config('experiment=dhc4,size=paper').model.d_model == 2048
   assert paper.get_config('experiment=olmo7b_dhc4,size=paper').model.d_model == 4096
   assert paper.get_config('experiment=olmo7b_dhc4,size=cpu').model.d_model == 128
   moe = paper.get_config('experiment=olmoe_dhc4,size=cpu').model
-  assert (moe.ffn, moe.connection.kind, moe.connection.n) == ('moe', 'hc', 4)
+  assert (moe.ffn, moe.connection.kind, moe.connection.hc.n) == ('moe', 'hc', 4)
   assert paper.get_config('experiment=olmoe_dhc4,size=paper').model.moe.num_experts == 64
   with pytest.raises(ValueError, match='experiment'):
     paper.get_config('experiment=dhc3')
@@ -68,7 +76,7 @@ def test_plan_commands_and_overrides(tmp_path):
   assert runs[3].workdir == os.path.join(str(tmp_path), 'text', 'dhc4', 'seed1')
   config = sweep.make_config(runs[3])
   assert (config.seed, config.data.shuffle_seed, config.train.num_steps) == (1, 1, 7)
-  assert config.data.text_glob == '/data/part_*.txt' and config.model.connection.n == 4
+  assert config.data.text_glob == '/data/part_*.txt' and config.model.connection.hc.n == 4
   cmd = sweep.command(runs[3])
   assert '--config=configs/paper.py:experiment=dhc4,size=tiny' in cmd
   assert "'--config.data.text_glob=/data/part_*.txt'" in cmd  # Quoted for the shell.

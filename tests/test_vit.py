@@ -17,19 +17,16 @@ from configs import base
 from configs import vit as vit_configs
 from hyperconn_jax import data, models, sharding, train_lib
 from hyperconn_jax.data import images
-from hyperconn_jax.models import decoder, sizes, vit
+from hyperconn_jax.models import sizes, trunk, vit
 
 B, C = 3, 10
 
 
 def vit_config(kind='residual_prenorm', pool='gap', **connection):
   """A tiny fp32 ViT on 8x8x1 images: patches 2x2 (16 tokens), d 32, 2 layers, GELU MLP 64."""
-  c = base.get_config().model
-  c.update(dict(name='vit', d_model=32, num_layers=2, num_heads=2, head_dim=16, mlp_dim=64,
-                mlp_activation='gelu', norm_affine=True))
+  c = helpers.tiny_model(kind, **connection)
+  c.update(dict(name='vit', vocab_size=256, mlp_activation='gelu', norm_affine=True))
   c.vit.update(dict(image_size=8, patch_size=2, channels=1, num_classes=C, pool=pool))
-  c.connection.kind = kind
-  c.connection.update(connection)
   return c
 
 
@@ -61,11 +58,11 @@ def test_shapes_hidden_and_dropout(pool, length):
   model = models.build_model(cfg, nnx.Rngs(0))
   random_head(model)
   x = images_BxHxWxC()
-  logits, hidden = nnx.jit(lambda m, x: m(x, return_hidden=True))(model, x)
+  logits, hidden, _ = nnx.jit(lambda m, x: m.forward(x, return_hidden=True))(model, x)
   assert logits.shape == (B, C) and logits.dtype == jnp.float32
   assert hidden.shape == (cfg.num_layers, 2, B, length, cfg.d_model)
   # Without a key there is no dropout; with one, the same key gives the same output.
-  with_key = nnx.jit(lambda m, x, key: m(x, dropout_key=key))
+  with_key = nnx.jit(lambda m, x, key: m.forward(x, dropout_key=key).logits)
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, x), logits, atol=1e-6)
   dropped = with_key(model, x, jax.random.key(0))
   np.testing.assert_array_equal(with_key(model, x, jax.random.key(0)), dropped)
@@ -84,7 +81,7 @@ def test_init_equals_prenorm(pool, dynamic):
   random_head(ref)
   model = models.build_model(cfg, nnx.Rngs(1))
   src, dst = helpers.flat(ref), helpers.flat(model)
-  shared = [k for k in dst if not any(a in decoder.CONNECTION_ATTRS for a in k)]
+  shared = [k for k in dst if not any(a in trunk.CONNECTION_ATTRS for a in k)]
   assert ('positions',) in shared and ('blocks', 'mlp', 'up') in shared
   fresh = dict(dst)
   helpers.set_flat(model, {**dst, **{k: src[k] for k in shared}})
@@ -103,7 +100,7 @@ def test_sharded_equals_unsharded():
   mesh_cfg = base.get_config().mesh
   mesh_cfg.shape = (2, 2, 2)
   mesh, rules = sharding.make_mesh(mesh_cfg), sharding.logical_rules(mesh_cfg)
-  model = sharding.create_model(cfg, mesh, rules, seed=0)
+  model = models.create_model(cfg, mesh, rules, seed=0)
   params = helpers.flat(model)
   params[('head',)] = jax.random.normal(jax.random.key(0), params[('head',)].shape)
   helpers.set_flat(model, params)

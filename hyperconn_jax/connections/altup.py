@@ -1,6 +1,6 @@
 """AltUp (Alternating Updates, arXiv 2301.13310), a baseline of HC Table 4 ("AltUp x2").
 
-K = config.n blocks x_1 .. x_K, each D wide. Around sub-layer k, with active block
+K = model.connection.altup.n blocks x_1 .. x_K, each D wide. Around sub-layer k, with active block
 j* = (k + index_base) mod K (AltUp's alternating choice):
   predict  xhat_i = sum_j P[i, j] x_j         (P: K x K learned scalars, init I)
   compute  xtilde = xhat_j* + T(xhat_j*)      (T: the sub-layer with its pre-norm)
@@ -18,20 +18,29 @@ The HC paper does not describe its AltUp setup, so three things here are choices
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import ml_collections
 
 from hyperconn_jax import params
-from hyperconn_jax.connections import checks, hc, mixing
+from hyperconn_jax.connections import checks, hc, mixing, protocol
 
+NAME = 'altup'
 Streams = hc.Streams  # expand: K copies of the embedding; reduce: their sum.
 
 
-def validate(config, d_model: int) -> None:
+def defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      # Number of blocks K.
+      n=4,
+      # Active block j* of sub-layer k is (k + index_base) mod K.
+      index_base=0,
+  ))
+
+
+def validate(cfg, d_model: int) -> None:
   del d_model  # Any width works.
-  checks.integer(config, 'n', 1)
-  checks.integer(config, 'index_base', 0)
-  for field in ('train_width', 'train_beta'):
-    if not getattr(config, field):
-      checks.fail(field, getattr(config, field), "True for kind 'altup' (it has no effect there)")
+  f = checks.Fields(cfg, NAME)
+  f.integer('n', 1)
+  f.integer('index_base', 0)
 
 
 class Connection(nnx.Module):
@@ -43,15 +52,15 @@ class Connection(nnx.Module):
 
   branch_prenorm = True
 
-  def __init__(self, config, *, dim: int, sublayer_index, norm_kind: str, norm_eps: float,
+  def __init__(self, cfg, *, dim: int, sublayer_index, norm_kind: str, norm_eps: float,
                rngs: nnx.Rngs):
     del dim, norm_kind, norm_eps, rngs
-    k = self.num_streams = config.n
+    k = self.num_streams = cfg.n
     self.predict = params.HCStatic(jnp.eye(k, dtype=jnp.float32), out_sharding=('streams', 'hc'))
     self.correct = params.HCStatic(jnp.ones((k,), jnp.float32), out_sharding=('streams',))
     # jax ops: sublayer_index may be traced (blocks are created under nnx.vmap).
     self.active = params.HCFrozen(
-        jax.nn.one_hot((jnp.asarray(sublayer_index) + config.index_base) % k, k,
+        jax.nn.one_hot((jnp.asarray(sublayer_index) + cfg.index_base) % k, k,
                        dtype=jnp.float32), out_sharding=('streams',))
 
   def coefficients(self, x_BxLxNxD: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -67,3 +76,14 @@ class Connection(nnx.Module):
     mix_BxLxMxD = mixing.mix_streams(alpha_NxM, x_BxLxNxD)
     y_BxLxD = branch(mix_BxLxMxD[..., 0, :])
     return mixing.add_branch(beta_N, y_BxLxD[..., None, :], mix_BxLxMxD[..., 1:, :])
+
+  def hc_form(self, x_BxLxNxD, h_BxLxD, y_BxLxD):
+    del h_BxLxD, y_BxLxD
+    return hc.alpha_beta_form(*self.coefficients(), x_BxLxNxD.shape[:-2])
+
+
+KIND = protocol.Kind(
+    name=NAME, defaults=defaults, validate=validate, layout=hc.copies_layout, Streams=Streams,
+    Connection=Connection,
+    # The width connection (K blocks -> 1 + K rows); the depth connection is elementwise.
+    extra_flops=lambda cfg, d_model: protocol.ExtraFlops(2 * cfg.n * (cfg.n + 1) * d_model))

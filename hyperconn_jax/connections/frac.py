@@ -11,23 +11,50 @@ Init (FC Eq. 15): B = 1, Y = A = I, dynamic weights 0: exactly Pre-Norm x + T(x)
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import ml_collections
 
-from hyperconn_jax.connections import checks, hc, mixing
+from hyperconn_jax.connections import checks, hc, mixing, protocol
+
+NAME = 'frac'
 
 
-def validate(config, d_model: int) -> None:
-  checks.integer(config, 'm', 1)
-  if d_model % config.m:
-    checks.fail('m', config.m, f'a divisor of model.d_model = {d_model}')
-  checks.static_dynamic(config)
+def defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      # Frac-rate m (the hidden size is split into m fractions); m must divide model.d_model.
+      m=4,
+      **hc.static_dynamic_defaults(),
+  ))
+
+
+def validate(cfg, d_model: int) -> None:
+  f = checks.Fields(cfg, NAME)
+  f.integer('m', 1)
+  if d_model % cfg.m:
+    f.fail('m', cfg.m, f'a divisor of model.d_model = {d_model}')
+  f.static_dynamic()
+
+
+def layout(cfg, d_model: int) -> protocol.Layout:
+  return protocol.Layout(cfg.m, d_model // cfg.m, d_model)
+
+
+def extra_flops(cfg, d_model: int) -> protocol.ExtraFlops:
+  """Width connection (m fractions -> 2m rows of D/m) and the dynamic projection (2m + 1 columns
+  of D/m per fraction)."""
+  m = cfg.m
+  return protocol.ExtraFlops(4 * m * d_model + (2 * d_model * (2 * m + 1) if cfg.dynamic else 0))
+
+
+def eye(n: int, batch: tuple[int, ...]) -> jax.Array:
+  return jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), batch + (n, n))
 
 
 class Streams(nnx.Module):
   """m fractions: expand splits D into (m, D/m), reduce concatenates them back (no sum pooling)."""
 
-  def __init__(self, config, *, dim: int, norm_eps: float, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dim: int, norm_eps: float, rngs: nnx.Rngs):
     del dim, norm_eps, rngs
-    self.num_streams = config.m
+    self.num_streams = cfg.m
 
   def expand(self, h_BxLxD: jax.Array) -> jax.Array:
     """[B, L, D] -> [B, L, m, D/m]."""
@@ -36,6 +63,11 @@ class Streams(nnx.Module):
   def reduce(self, x_BxLxMxF: jax.Array) -> jax.Array:
     """[B, L, m, D/m] -> [B, L, D]."""
     return x_BxLxMxF.reshape(*x_BxLxMxF.shape[:-2], -1)
+
+  def ends(self, x_BxLxMxF: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A split in (E_0 = I) and a concatenation out (X_out = I)."""
+    batch = x_BxLxMxF.shape[:-2]
+    return eye(self.num_streams, batch), eye(self.num_streams, batch)
 
 
 class Connection(hc.HyperConnectionBase):
@@ -47,12 +79,12 @@ class Connection(hc.HyperConnectionBase):
 
   branch_prenorm = True
 
-  def __init__(self, config, *, dim: int, sublayer_index, norm_kind: str, norm_eps: float,
+  def __init__(self, cfg, *, dim: int, sublayer_index, norm_kind: str, norm_eps: float,
                rngs: nnx.Rngs):
     del sublayer_index, norm_kind, rngs  # FC has no layer-dependent init.
-    m = config.m
+    m = cfg.m
     eye_MxM = jnp.eye(m, dtype=jnp.float32)
-    self._init_coefficients(config, static_alpha_NxM=jnp.concatenate([eye_MxM, eye_MxM], axis=1),
+    self._init_coefficients(cfg, static_alpha_NxM=jnp.concatenate([eye_MxM, eye_MxM], axis=1),
                             width=dim // m, width_axis=None, norm_eps=norm_eps)
     self.num_fracs = m
 
@@ -63,3 +95,17 @@ class Connection(hc.HyperConnectionBase):
     m = self.num_fracs
     y_BxLxD = branch(mix_BxLx2MxF[..., :m, :].reshape(*x_BxLxMxF.shape[:-2], -1))
     return mixing.add_branch(beta, y_BxLxD.reshape(x_BxLxMxF.shape), mix_BxLx2MxF[..., m:, :])
+
+  def hc_form(self, x_BxLxMxF, h_BxLxD, y_BxLxD):
+    """Extract Y, residual A, inject diag(B): fraction q of T's output goes to fraction q only."""
+    del h_BxLxD, y_BxLxD
+    batch, m = x_BxLxMxF.shape[:-2], self.num_fracs
+    alpha, beta = self.coefficients(x_BxLxMxF)
+    alpha = jnp.broadcast_to(alpha, batch + alpha.shape[-2:])
+    beta = jnp.broadcast_to(beta, batch + beta.shape[-1:])
+    return ({'extract': alpha[..., :m], 'res': alpha[..., m:],
+             'inject': beta[..., None] * eye(m, batch)}, {'alpha': alpha, 'beta': beta})
+
+
+KIND = protocol.Kind(name=NAME, defaults=defaults, validate=validate, layout=layout,
+                     Streams=Streams, Connection=Connection, extra_flops=extra_flops)

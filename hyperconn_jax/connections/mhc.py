@@ -6,15 +6,16 @@ Per token, with streams x (n x D) flattened to x_vec (nD):
   H_pre = sigmoid(l_pre), H_post = post_mult * sigmoid(l_post), H_res = Sinkhorn(exp(mat(l_res)))
   out_j = sum_i H_res[j, i] x_i + H_post[j] * F(sum_i H_pre[i] x_i)
 mat() is row-major: l_res[j * n + i] is the logit of H_res[j, i]. A mapping missing from
-config.mappings is fixed and has no parameters (H_pre = 1/n, H_post = 1, H_res = I; mHC Table 1).
+model.connection.mhc.mappings is fixed and has no parameters (H_pre = 1/n, H_post = 1, H_res = I;
+mHC Table 1).
 The final reduction is a sum or DeepSeek TileKernels' learned head (mhc_head).
 
-Why H_pre starts on a home stream by default (config.pre_init; the paper gives no init): the
-embedding is replicated into n equal streams, and phi starts at 0. With H_pre = 1/n, everything
-is symmetric under permuting the streams, so every stream gets the same gradient and the streams
-stay equal for the whole of training. While they are equal, H_res x is the same for any row-
-stochastic H_res, and H_res gets no gradient. mHC then trains as a one-stream residual with
-gates. 'home' puts most of H_pre on stream (k + index_base) mod n of sub-layer k, as HC's
+Why H_pre starts on a home stream by default (model.connection.mhc.pre_init; the paper gives no
+init): the embedding is replicated into n equal streams, and phi starts at 0. With H_pre = 1/n,
+everything is symmetric under permuting the streams, so every stream gets the same gradient and
+the streams stay equal for the whole of training. While they are equal, H_res x is the same for
+any row-stochastic H_res, and H_res gets no gradient. mHC then trains as a one-stream residual
+with gates. 'home' puts most of H_pre on stream (k + index_base) mod n of sub-layer k, as HC's
 A_m = e_(k mod n) does. The streams then get different gradients, H_post learns per-stream
 values, the streams separate and H_res learns. The sum over streams still starts at 1, so init
 still equals Pre-Norm. With H_post fixed (mappings without 'post'), H_post = 1 adds the same
@@ -28,40 +29,80 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import ml_collections
 
 from hyperconn_jax import params
-from hyperconn_jax.connections import checks, mixing
+from hyperconn_jax.connections import checks, hc, mixing, protocol, residual
 from hyperconn_jax.connections.sinkhorn import sinkhorn
 
+NAME = 'mhc'
 MAPPINGS = ('pre', 'post', 'res')
 PRE_INITS = ('home', 'uniform')
 RES_INITS = ('identity', 'uniform')
 REDUCES = ('sum', 'head')
 
 
-def validate(config, d_model: int) -> None:
+def defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      # Expansion rate n (number of residual streams).
+      n=4,
+      # Sinkhorn-Knopp iterations (paper t_max = 20).
+      sinkhorn_iters=20,
+      # H_post = post_mult * sigmoid(.) (paper 2).
+      post_mult=2.0,
+      # Scalar gates alpha^pre, alpha^post, alpha^res init (paper 0.01).
+      gate_init=0.01,
+      # Static H_res logits at init: 'identity' (diagonal 0, off-diagonal res_offdiag_logit, so
+      # the model starts near Pre-Norm) | 'uniform' (all 0: Sinkhorn gives the 1/n matrix).
+      res_init='identity',
+      res_offdiag_logit=-4.0,
+      # Static H_pre at init (the paper gives none): 'home' (1 - (n-1) * pre_off_home on stream
+      # (k + index_base) mod n of sub-layer k, pre_off_home on the others, as HC's A_m) |
+      # 'uniform' (1/n: the streams then stay equal all through training and H_res never
+      # learns; the module docstring explains why).
+      pre_init='home',
+      pre_off_home=0.01,
+      # Which mappings are learned; a missing one is fixed (H_pre = 1/n, H_post = 1, H_res = I),
+      # as in the mHC paper's Table 1 ablation. Any subset of ('pre', 'post', 'res').
+      mappings=('pre', 'post', 'res'),
+      # Final reduction: 'sum' | 'head' (learned sigmoid-weighted sum, as DeepSeek's TileKernels).
+      reduce='sum',
+      # Home stream of sub-layer k (pre_init='home') is (k + index_base) mod n.
+      index_base=0,
+      # HC section 4's sqrt(n) on the output projections' init std: 'none' | 'divide' | 'multiply'.
+      out_proj_sqrt_n='none',
+  ))
+
+
+def validate(cfg, d_model: int) -> None:
   del d_model  # Any width works.
-  checks.integer(config, 'n', 1)
-  checks.integer(config, 'sinkhorn_iters', 1)
-  checks.greater(config, 'post_mult', 1)
-  checks.one_of(config, 'res_init', RES_INITS)
-  checks.one_of(config, 'pre_init', PRE_INITS)
-  checks.integer(config, 'index_base', 0)
-  if config.pre_init == 'home' and config.n > 1 and not 0 < config.pre_off_home < 1 / config.n:
-    checks.fail('pre_off_home', config.pre_off_home,
-                f"in (0, 1/n) = (0, {1 / config.n:.4g}) for pre_init='home' (the home stream "
-                'must get the largest weight)')
-  checks.one_of(config, 'reduce', REDUCES)
-  mappings = config.mappings
+  f = checks.Fields(cfg, NAME)
+  f.integer('n', 1)
+  f.integer('sinkhorn_iters', 1)
+  f.greater('post_mult', 1)
+  f.one_of('res_init', RES_INITS)
+  f.one_of('pre_init', PRE_INITS)
+  f.integer('index_base', 0)
+  f.one_of('out_proj_sqrt_n', checks.OUT_PROJ_SQRT_N)
+  if cfg.pre_init == 'home' and cfg.n > 1 and not 0 < cfg.pre_off_home < 1 / cfg.n:
+    f.fail('pre_off_home', cfg.pre_off_home,
+           f"in (0, 1/n) = (0, {1 / cfg.n:.4g}) for pre_init='home' (the home stream "
+           'must get the largest weight)')
+  f.one_of('reduce', REDUCES)
+  mappings = cfg.mappings
   if isinstance(mappings, str) or not set(mappings) <= set(MAPPINGS):
-    checks.fail('mappings', mappings, f'a tuple holding any subset of {MAPPINGS}')
-  if config.n == 1 and ('pre' in mappings or config.reduce == 'head'):
-    checks.fail('n', config.n, ">= 2 for kind 'mhc' with a learned H_pre or reduce='head' "
-                "(their init logit(1/n) is infinite at n = 1)")
-  for field in ('train_width', 'train_beta'):
-    if not getattr(config, field):
-      checks.fail(field, getattr(config, field),
-                  "True for kind 'mhc' (it has no effect there; use model.connection.mappings)")
+    f.fail('mappings', mappings, f'a tuple holding any subset of {MAPPINGS}')
+  if cfg.n == 1 and ('pre' in mappings or cfg.reduce == 'head'):
+    f.fail('n', cfg.n, '>= 2 with a learned H_pre or reduce=\'head\' '
+           '(their init logit(1/n) is infinite at n = 1)')
+
+
+def extra_flops(cfg, d_model: int) -> protocol.ExtraFlops:
+  """Width connection (n streams -> n + 1 rows) and the projection of the flattened streams
+  (n^2 + 2n columns); the head's projection when reduce='head'."""
+  n = cfg.n
+  return protocol.ExtraFlops(2 * n * (n + 1) * d_model + 2 * n * d_model * (n * n + 2 * n),
+                             2 * n * d_model * n + 2 * n * d_model if cfg.reduce == 'head' else 0.0)
 
 
 def _logit(p: float) -> float:
@@ -83,23 +124,23 @@ def _normed_projection(x_BxLxNxD: jax.Array, phi_NxDxK: jax.Array, eps: float) -
   return proj_BxLxK * inv_rms_BxLx1
 
 
-def _bias_init(config, mapping: str, sublayer_index) -> jax.Array:
+def _bias_init(cfg, mapping: str, sublayer_index) -> jax.Array:
   """The float32 static logits of one mapping at init (see Connection)."""
-  n = config.n
-  if mapping == 'pre' and config.pre_init == 'home':
+  n = cfg.n
+  if mapping == 'pre' and cfg.pre_init == 'home':
     # jax ops: sublayer_index may be traced (blocks are created under nnx.vmap).
-    home_N = jax.nn.one_hot((jnp.asarray(sublayer_index) + config.index_base) % n, n,
+    home_N = jax.nn.one_hot((jnp.asarray(sublayer_index) + cfg.index_base) % n, n,
                             dtype=jnp.bool_)
-    off = config.pre_off_home
+    off = cfg.pre_off_home
     return jnp.where(home_N, _logit(1.0 - (n - 1) * off), _logit(off)).astype(jnp.float32)
   if mapping == 'pre':
     return jnp.full((n,), _logit(1.0 / n), jnp.float32)
   if mapping == 'post':
-    return jnp.full((n,), _logit(1.0 / config.post_mult), jnp.float32)
-  if config.res_init == 'uniform':
+    return jnp.full((n,), _logit(1.0 / cfg.post_mult), jnp.float32)
+  if cfg.res_init == 'uniform':
     return jnp.zeros((n * n,), jnp.float32)
   eye_NxN = jnp.eye(n, dtype=bool)
-  return jnp.where(eye_NxN, 0.0, config.res_offdiag_logit).astype(jnp.float32).reshape(n * n)
+  return jnp.where(eye_NxN, 0.0, cfg.res_offdiag_logit).astype(jnp.float32).reshape(n * n)
 
 
 class Streams(nnx.Module):
@@ -110,17 +151,17 @@ class Streams(nnx.Module):
   (so the head starts as the mean of the streams), gate_head () HCStatic = gate_init.
   """
 
-  def __init__(self, config, *, dim: int, norm_eps: float, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dim: int, norm_eps: float, rngs: nnx.Rngs):
     del rngs
-    n = self.num_streams = config.n
+    n = self.num_streams = cfg.n
     self.eps = norm_eps
-    self.head = config.reduce == 'head'
+    self.head = cfg.reduce == 'head'
     if self.head:
       self.phi_head = params.HCDynamic(jnp.zeros((n, dim, n), jnp.float32),
                                        out_sharding=('streams', 'embed', 'hc'))
       self.bias_head = params.HCStatic(jnp.full((n,), _logit(1.0 / n), jnp.float32),
                                        out_sharding=('streams',))
-      self.gate_head = _scalar(config.gate_init)
+      self.gate_head = _scalar(cfg.gate_init)
 
   def expand(self, h_BxLxD: jax.Array) -> jax.Array:
     """[B, L, D] -> [B, L, n, D], a broadcast (no copy)."""
@@ -140,36 +181,43 @@ class Streams(nnx.Module):
     return jnp.einsum('...n,...nd->...d', w_BxLxN.astype(x_BxLxNxD.dtype), x_BxLxNxD,
                       preferred_element_type=jnp.float32).astype(x_BxLxNxD.dtype)
 
+  def ends(self, x_BxLxNxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A broadcast in; a sum out, or the head's learned weights."""
+    batch, n = x_BxLxNxD.shape[:-2], self.num_streams
+    out_extract = (self.head_weights(x_BxLxNxD)[..., None] if self.head
+                   else residual.ones(batch, n, 1))
+    return residual.ones(batch, 1, n), out_extract
+
 
 class Connection(nnx.Module):
   """One mHC module around one sub-layer: (x_BxLxNxD, branch) -> x_BxLxNxD.
 
   Parameters, for the learned mappings only (K = n for pre, n for post, n^2 for res, in that order):
     phi (n, D, K) HCDynamic, zero-init;  bias (K,) HCStatic;  gate_pre/post/res () HCStatic.
-  Bias init: pre per config.pre_init: 'home' H_pre = 1 - (n-1) pre_off_home on the home stream
+  Bias init: pre per cfg.pre_init: 'home' H_pre = 1 - (n-1) pre_off_home on the home stream
   (sublayer_index + index_base) mod n and pre_off_home elsewhere, 'uniform' H_pre = 1/n (see the
-  module docstring); post logit(1/post_mult) (H_post = 1); res per config.res_init: 'identity' 0 on
+  module docstring); post logit(1/post_mult) (H_post = 1); res per cfg.res_init: 'identity' 0 on
   the diagonal and res_offdiag_logit off it, 'uniform' all 0.
   """
 
   branch_prenorm = True
 
-  def __init__(self, config, *, dim: int, sublayer_index, norm_kind: str, norm_eps: float,
+  def __init__(self, cfg, *, dim: int, sublayer_index, norm_kind: str, norm_eps: float,
                rngs: nnx.Rngs):
     del norm_kind, rngs
-    n = self.num_streams = config.n
+    n = self.num_streams = cfg.n
     self.eps = norm_eps
-    self.sinkhorn_iters = config.sinkhorn_iters
-    self.post_mult = config.post_mult
-    self.mappings = tuple(name for name in MAPPINGS if name in config.mappings)
+    self.sinkhorn_iters = cfg.sinkhorn_iters
+    self.post_mult = cfg.post_mult
+    self.mappings = tuple(name for name in MAPPINGS if name in cfg.mappings)
     if self.mappings:
-      bias_K = jnp.concatenate([_bias_init(config, name, sublayer_index)
+      bias_K = jnp.concatenate([_bias_init(cfg, name, sublayer_index)
                                 for name in self.mappings])
       self.phi = params.HCDynamic(jnp.zeros((n, dim, bias_K.shape[0]), jnp.float32),
                                   out_sharding=('streams', 'embed', 'hc'))
       self.bias = params.HCStatic(bias_K, out_sharding=('hc',))
     for name in MAPPINGS:
-      setattr(self, f'gate_{name}', _scalar(config.gate_init) if name in self.mappings else None)
+      setattr(self, f'gate_{name}', _scalar(cfg.gate_init) if name in self.mappings else None)
 
   def coefficients(self, x_BxLxNxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns float32 (H_pre [.., n], H_post [.., n], H_res [.., n, n]).
@@ -209,3 +257,19 @@ class Connection(nnx.Module):
     mix_BxLxMxD = mixing.mix_streams(coef_NxM, x_BxLxNxD)
     y_BxLxD = branch(mix_BxLxMxD[..., 0, :])
     return mixing.add_branch(h_post, y_BxLxD[..., None, :], mix_BxLxMxD[..., 1:, :])
+
+  def hc_form(self, x_BxLxNxD, h_BxLxD, y_BxLxD):
+    """Extract H_pre, residual H_res^T, inject H_post."""
+    del h_BxLxD, y_BxLxD
+    batch = x_BxLxNxD.shape[:-2]
+    h_pre, h_post, h_res = (jnp.broadcast_to(c, batch + c.shape[len(c.shape) - k:])
+                            for c, k in zip(self.coefficients(x_BxLxNxD), (1, 1, 2)))
+    return ({'extract': h_pre[..., None], 'res': jnp.swapaxes(h_res, -1, -2),
+             'inject': h_post[..., None, :]},
+            {'H_pre': h_pre, 'H_post': h_post, 'H_res': h_res})
+
+
+KIND = protocol.Kind(
+    name=NAME, defaults=defaults, validate=validate, layout=hc.copies_layout, Streams=Streams,
+    Connection=Connection, extra_flops=extra_flops,
+    out_proj_multiplier=lambda cfg: checks.out_proj_multiplier(cfg, cfg.n))

@@ -14,7 +14,7 @@ Prepare (token shards from text / jsonl / parquet files or a TFDS dataset, or a 
 command line with `python -m hyperconn_jax.data.prepare` (see prepare.py).
 """
 
-from hyperconn_jax import models
+from hyperconn_jax import tasks
 from hyperconn_jax.data import images
 from hyperconn_jax.data import pipeline
 from hyperconn_jax.data import sources
@@ -24,7 +24,7 @@ from hyperconn_jax.data.tokenizers import Tokenizer
 
 
 def _images(config) -> bool:
-  return models.task(config.model) == 'classification'
+  return tasks.of(config.model).reads_images
 
 
 def ensure_prepared(config) -> None:

@@ -1,17 +1,21 @@
 """Models: validation of config.model and construction, by config.model.name:
 'decoder_lm' (decoder.DecoderLM; an MoE decoder with model.ffn='moe') or 'vit' (vit.ViT).
 
-`build_model` creates the parameters unplaced (default device, no eager sharding); to create a
-model already sharded over a mesh use `hyperconn_jax.sharding.create_model`.
+`build_model` creates the parameters unplaced (default device, no eager sharding); `create_model`
+creates them already sharded over a mesh, and `abstract_model` describes them without allocating.
 """
 
+import functools
+
+import jax
 from flax import nnx
 
-from hyperconn_jax import connections
+from hyperconn_jax import connections, sharding
 from hyperconn_jax.models import attention
 from hyperconn_jax.models import decoder
 from hyperconn_jax.models import layers
 from hyperconn_jax.models import moe
+from hyperconn_jax.models import trunk
 from hyperconn_jax.models import vit
 
 MODELS = {'decoder_lm': decoder.DecoderLM, 'vit': vit.ViT}
@@ -56,8 +60,8 @@ def validate(config) -> None:
   _check(config.stream_dtype in DTYPES, 'stream_dtype', config.stream_dtype, f'one of {DTYPES}')
   _check(config.init in layers.INITS, 'init', config.init, f'one of {layers.INITS}')
   attention.validate(config)
-  _check(config.remat_policy in decoder.REMAT_POLICIES, 'remat_policy', config.remat_policy,
-         f'one of {decoder.REMAT_POLICIES}')
+  _check(config.remat_policy in trunk.REMAT_POLICIES, 'remat_policy', config.remat_policy,
+         f'one of {trunk.REMAT_POLICIES}')
   _check(config.ffn in FFNS, 'ffn', config.ffn, f'one of {FFNS}')
   _check(config.mlp_activation in MLP_ACTIVATIONS, 'mlp_activation', config.mlp_activation,
          f'one of {MLP_ACTIVATIONS}')
@@ -66,11 +70,11 @@ def validate(config) -> None:
   if config.name == 'vit':
     vit.validate(config)
   connections.validate(config.connection, config.d_model)
-
-
-def task(config) -> str:
-  """'lm' (next-token prediction) or 'classification', from config.model.name."""
-  return 'classification' if config.name == 'vit' else 'lm'
+  embed_width = connections.layout(config.connection, config.d_model).embed_width
+  if config.tie_embeddings and embed_width != config.d_model:
+    _check(False, 'tie_embeddings', config.tie_embeddings,
+           f'False when the connection widens the embedding (model.connection.kind='
+           f'{config.connection.kind!r}: {embed_width} wide, model.d_model={config.d_model})')
 
 
 def build_model(config, rngs: nnx.Rngs) -> nnx.Module:
@@ -78,3 +82,37 @@ def build_model(config, rngs: nnx.Rngs) -> nnx.Module:
   validate(config)
   with nnx.use_eager_sharding(False):
     return MODELS[config.name](config, rngs=rngs)
+
+
+def abstract_model(model_config, mesh: jax.sharding.Mesh, rules):
+  """(graphdef, abstract_state) of the model: the state's leaves are ShapeDtypeStructs with
+  NamedShardings on `mesh` (e.g. the restore target of a checkpoint). Allocates nothing."""
+  abstract = nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+
+  def with_sharding(variable):
+    value = variable.get_value()
+    return variable.replace(jax.ShapeDtypeStruct(
+        value.shape, value.dtype, sharding=sharding.variable_sharding(variable, mesh, rules)))
+
+  abstract_state = jax.tree.map(with_sharding, abstract_state,
+                                is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return graphdef, abstract_state
+
+
+def create_model(model_config, mesh: jax.sharding.Mesh, rules, seed: int):
+  """Builds the model with its parameters created directly in their shards (a jitted
+  initialisation with out_shardings: no parameter is ever whole on one device).
+
+  Gives the same parameter values as build_model(model_config, nnx.Rngs(seed)).
+  """
+  graphdef, abstract_state = abstract_model(model_config, mesh, rules)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init():
+    return nnx.state(build_model(model_config, nnx.Rngs(seed)))
+
+  with sharding.activate(mesh, rules):
+    state = init()
+  return nnx.merge(graphdef, state)

@@ -3,168 +3,19 @@
   tokens_BxL -> embed -> streams.expand -> blocks -> streams.reduce -> final norm -> unembed
   -> logits_BxLxV (float32)
 
-Each block has two sub-layers, attention (sub-layer k = 2l) and the FFN (k = 2l + 1: a dense MLP,
-or a mixture of experts when config.ffn == 'moe'), each with its own connection module from
-`connections.build_connection`; a branch applies its own pre-norm iff its connection says
-`branch_prenorm`. Blocks are either stacked (nnx.vmap at creation, nnx.scan over the stream carry
-x_BxLxNxD) or a Python list (`create_blocks` / `run_blocks`, shared with the ViT); `copy_weights`
-converts between the two layouts. MoE auxiliary outputs (losses, expert load) leave the blocks as
-per-layer scan outputs and are averaged over layers (`return_aux`). `config` below is
-`config.model` (see configs/base.py).
+The blocks are the transformer trunk (trunk.py, shared with the ViT) with causal attention and
+RoPE. `config` below is `config.model` (see configs/base.py).
 """
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
 from hyperconn_jax import connections, sharding
 from hyperconn_jax.models import layers
-from hyperconn_jax.models import moe
+from hyperconn_jax.models import trunk
 
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_streams', 'offload_streams')
-
-# Name of the tensors the 'save_streams' policy keeps and 'offload_streams' moves to host memory:
-# the stream state entering every block and after every sub-layer.
-STREAMS_CHECKPOINT_NAME = 'streams'
-
-# Logical axes of the activations (applied only under sharding.activate).
-STREAMS_AXES = ('batch', 'length', 'streams', None)
 LOGITS_AXES = ('batch', 'length', 'vocab')
-
-# Attribute names of the modules that belong to the connection (used to split parameter counts).
-CONNECTION_ATTRS = ('streams', 'attn_connection', 'mlp_connection')
-
-
-def remat_policy(name: str):
-  """Maps config.model.remat_policy to a jax.checkpoint policy (None for 'none': no remat)."""
-  policies = {
-      'none': None,
-      'full': jax.checkpoint_policies.nothing_saveable,
-      'dots': jax.checkpoint_policies.dots_saveable,
-      'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-      'save_streams': jax.checkpoint_policies.save_only_these_names(STREAMS_CHECKPOINT_NAME),
-      # The n x d stream state of every block lives in host memory between the forward and the
-      # backward pass (MaxText's decoder_layer_input offload), so device memory does not grow
-      # with n x layers; everything else is recomputed.
-      'offload_streams': jax.checkpoint_policies.save_and_offload_only_these_names(
-          names_which_can_be_saved=(), names_which_can_be_offloaded=(STREAMS_CHECKPOINT_NAME,),
-          offload_src='device', offload_dst='pinned_host'),
-  }
-  if name not in policies:
-    raise ValueError(f'model.remat_policy must be one of {REMAT_POLICIES}, got {name!r}')
-  return policies[name]
-
-
-def ffn(config, *, out_init_multiplier: float, rngs: nnx.Rngs) -> nnx.Module:
-  """The FFN sub-layer: y_BxLxD -> (y_BxLxD, aux) for config.ffn='moe', y_BxLxD otherwise."""
-  if config.ffn == 'moe':
-    return moe.MoE(config, out_init_multiplier=out_init_multiplier, rngs=rngs)
-  return layers.MLP(config, out_init_multiplier=out_init_multiplier, rngs=rngs)
-
-
-class Block(nnx.Module):
-  """Attention and FFN sub-layers, each wrapped by its own connection.
-
-  `layer_index` may be traced (blocks are created under nnx.vmap); it sets the connections'
-  sub-layer indices 2 * layer_index and 2 * layer_index + 1. `causal`: causal attention with RoPE
-  (decoder) or bidirectional attention without RoPE (ViT).
-  """
-
-  def __init__(self, config, layer_index, *, rngs: nnx.Rngs, causal: bool = True):
-    conn, d = config.connection, config.d_model
-    out_mult = (connections.out_proj_init_multiplier(conn)
-                * layers.out_layer_multiplier(config, layer_index))
-
-    def connection(sublayer_index):
-      return connections.build_connection(conn, dim=d, sublayer_index=sublayer_index,
-                                          norm_kind=config.norm, norm_eps=config.norm_eps,
-                                          rngs=rngs)
-
-    self.attn_connection = connection(2 * layer_index)
-    self.attn_norm = (layers.model_norm(config, d) if self.attn_connection.branch_prenorm
-                      else None)
-    self.attn = layers.Attention(config, out_init_multiplier=out_mult, rngs=rngs, causal=causal)
-    self.mlp_connection = connection(2 * layer_index + 1)
-    self.mlp_norm = (layers.model_norm(config, d) if self.mlp_connection.branch_prenorm
-                     else None)
-    self.mlp = ffn(config, out_init_multiplier=out_mult, rngs=rngs)
-
-  def __call__(self, x_BxLxNxD: jax.Array, return_hidden: bool = False,
-               dropout_rate: float = 0.0, dropout_key: jax.Array | None = None):
-    """Returns (x_BxLxNxD, hidden, aux): hidden is [2, B, L, D], the inputs the attention and the
-    FFN branches received (before their pre-norm), if return_hidden, else None; aux is the MoE's
-    auxiliary outputs ({} for a dense FFN). With a dropout_key, dropout of dropout_rate is applied
-    to both branch outputs (ViT training)."""
-    branch_inputs, aux = [], {}
-    keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-    # Named so that a remat policy can keep (or offload) the block input instead of the scan
-    # saving the raw carry on the device.
-    x_BxLxNxD = checkpoint_name(x_BxLxNxD, STREAMS_CHECKPOINT_NAME)
-
-    def sublayer(connection, norm, layer, x_BxLxNxD, key):
-      def branch(h_BxLxD):
-        branch_inputs.append(h_BxLxD)
-        out = layer(h_BxLxD if norm is None else norm(h_BxLxD))
-        if isinstance(out, tuple):  # An MoE: (y_BxLxD, aux).
-          out, layer_aux = out
-          aux.update(layer_aux)
-        return layers.dropout(out, dropout_rate, key)
-      x_BxLxNxD = sharding.constrain(connection(x_BxLxNxD, branch), STREAMS_AXES)
-      return checkpoint_name(x_BxLxNxD, STREAMS_CHECKPOINT_NAME)
-
-    x_BxLxNxD = sublayer(self.attn_connection, self.attn_norm, self.attn, x_BxLxNxD, keys[0])
-    x_BxLxNxD = sublayer(self.mlp_connection, self.mlp_norm, self.mlp, x_BxLxNxD, keys[1])
-    return x_BxLxNxD, (jnp.stack(branch_inputs) if return_hidden else None), aux
-
-
-def create_blocks(config, *, rngs: nnx.Rngs, causal: bool = True):
-  """config.num_layers Blocks: stacked on a leading 'layers' axis (config.scan_layers) or a list."""
-  if config.scan_layers:
-    @nnx.split_rngs(splits=config.num_layers)
-    @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
-    def create(layer_index, rngs):
-      return Block(config, layer_index, rngs=rngs, causal=causal)
-    return create(jnp.arange(config.num_layers), rngs)
-  return nnx.List([Block(config, l, rngs=rngs, causal=causal) for l in range(config.num_layers)])
-
-
-def run_blocks(blocks, x_BxLxNxD: jax.Array, *, num_layers: int, scan_layers: bool,
-               policy_name: str, return_hidden: bool,
-               dropout: tuple[float, jax.Array | None] = (0.0, None)):
-  """Applies the blocks of `create_blocks` in order.
-
-  dropout: (rate, key): with a key, every block applies dropout to its branch outputs (a key per
-  block, split from this one).
-
-  Returns (x_BxLxNxD, hidden, aux): hidden is [K, 2, B, L, D] if return_hidden (else None); aux
-  holds each MoE output averaged over the K layers ({} for dense FFNs).
-  """
-  rate, key = dropout
-  def block_fn(block, x_BxLxNxD, block_key):
-    return block(x_BxLxNxD, return_hidden, rate, block_key)
-
-  policy = remat_policy(policy_name)
-  if policy_name != 'none':
-    block_fn = nnx.remat(block_fn, policy=policy)
-
-  keys = None if key is None else jax.random.split(key, num_layers)
-  if scan_layers:
-    # No transform_metadata here: nothing in the body reads sharding metadata, and flax 0.12.8
-    # cannot remove the 'layers' name from scalars (out_sharding=()), which vmap never added.
-    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0))
-    def scan_fn(block, x_BxLxNxD, block_key):
-      return block_fn(block, x_BxLxNxD, block_key)
-    x_BxLxNxD, hidden, aux = scan_fn(blocks, x_BxLxNxD, keys)
-  else:
-    per_block = []
-    for l, block in enumerate(blocks):
-      x_BxLxNxD, block_hidden, block_aux = block_fn(block, x_BxLxNxD,
-                                                    None if keys is None else keys[l])
-      per_block.append((block_hidden, block_aux))
-    hidden = jnp.stack([h for h, _ in per_block]) if return_hidden else None
-    aux = jax.tree.map(lambda *a: jnp.stack(a), *[a for _, a in per_block])
-  return x_BxLxNxD, hidden, jax.tree.map(lambda a: jnp.mean(a, axis=0), aux)
 
 
 class DecoderLM(nnx.Module):
@@ -175,11 +26,12 @@ class DecoderLM(nnx.Module):
     self.num_layers = config.num_layers
     self.scan_layers = config.scan_layers
     self.remat_policy = config.remat_policy
-    remat_policy(config.remat_policy)  # Fails before any parameter is created.
-    self.embed = layers.Embed(config, rngs=rngs)
+    trunk.remat_policy(config.remat_policy)  # Fails before any parameter is created.
+    embed_width = connections.layout(config.connection, d).embed_width
+    self.embed = layers.Embed(config, rngs=rngs, width=embed_width)
     self.streams = connections.build_streams(config.connection, dim=d,
                                              norm_eps=config.norm_eps, rngs=rngs)
-    self.blocks = create_blocks(config, rngs=rngs)
+    self.blocks = trunk.create_blocks(config, rngs=rngs)
     self.final_norm = layers.model_norm(config, d)
     self.unembed = None if config.tie_embeddings else nnx.Param(
         layers.init_weight(config, rngs, (d, config.vocab_size), fan_in=d),
@@ -187,27 +39,24 @@ class DecoderLM(nnx.Module):
     self.dtype = layers.dtype_of(config.dtype)
     self.stream_dtype = layers.dtype_of(config.stream_dtype)
 
-  def __call__(self, tokens_BxL: jax.Array, return_hidden: bool = False,
-               return_aux: bool = False):
-    """int tokens [B, L] -> float32 logits [B, L, V].
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    """int tokens [B, L] -> float32 logits [B, L, V]."""
+    return self.forward(tokens_BxL).logits
 
-    With return_hidden, returns (logits_BxLxV, hidden_Kx2xBxLxD): for each of the K blocks, the
-    inputs of its attention and FFN branches (before their pre-norm). With return_aux, the MoE
-    auxiliary outputs averaged over layers (see moe.MoE; {} for a dense model) come last:
-    (logits_BxLxV, aux) or (logits_BxLxV, hidden, aux).
-    """
-    return self.logits_from_embeddings(self.embed(tokens_BxL), return_hidden, return_aux)
+  def forward(self, tokens_BxL: jax.Array, *, return_hidden: bool = False) -> trunk.ModelOutput:
+    """int tokens [B, L] -> ModelOutput (logits [B, L, V], hidden if return_hidden, MoE aux)."""
+    return self.forward_embeddings(self.embed(tokens_BxL), return_hidden=return_hidden)
 
-  def logits_from_embeddings(self, h_BxLxD: jax.Array, return_hidden: bool = False,
-                             return_aux: bool = False):
-    """Same as __call__ but starting from the token embeddings [B, L, D]."""
+  def forward_embeddings(self, h_BxLxE: jax.Array, *,
+                         return_hidden: bool = False) -> trunk.ModelOutput:
+    """Same as forward but starting from the token embeddings [B, L, E]."""
     # The streams (residual) stay in stream_dtype; every branch computes in self.dtype.
-    x_BxLxNxD = sharding.constrain(self.streams.expand(h_BxLxD.astype(self.stream_dtype)),
-                                   STREAMS_AXES)
-    x_BxLxNxD, hidden, aux = run_blocks(self.blocks, x_BxLxNxD, num_layers=self.num_layers,
-                                        scan_layers=self.scan_layers,
-                                        policy_name=self.remat_policy,
-                                        return_hidden=return_hidden)
+    x_BxLxNxD = sharding.constrain(self.streams.expand(h_BxLxE.astype(self.stream_dtype)),
+                                   trunk.STREAMS_AXES)
+    x_BxLxNxD, hidden, aux = trunk.run_blocks(self.blocks, x_BxLxNxD, num_layers=self.num_layers,
+                                              scan_layers=self.scan_layers,
+                                              policy_name=self.remat_policy,
+                                              return_hidden=return_hidden)
     h_BxLxD = self.final_norm(self.streams.reduce(x_BxLxNxD))
     if self.unembed is None:
       logits_BxLxV = self.embed.attend(h_BxLxD)
@@ -216,26 +65,4 @@ class DecoderLM(nnx.Module):
                                 self.unembed[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
     logits_BxLxV = sharding.constrain(logits_BxLxV, LOGITS_AXES)
-    return outputs(logits_BxLxV, hidden, aux, return_hidden, return_aux)
-
-
-def outputs(main: jax.Array, hidden, aux, return_hidden: bool, return_aux: bool):
-  """main, (main, hidden), (main, aux) or (main, hidden, aux), as asked."""
-  out = (main,) + ((hidden,) if return_hidden else ()) + ((aux,) if return_aux else ())
-  return out if len(out) > 1 else main
-
-
-def copy_weights(src: DecoderLM, dst: DecoderLM) -> None:
-  """Copies every parameter of `src` into `dst` (same config up to `scan_layers`), converting
-  between the stacked (scanned) and the per-block (Python loop) layout of the blocks."""
-  pure = nnx.to_pure_dict(nnx.state(src))
-  if src.scan_layers and not dst.scan_layers:
-    stacked = pure['blocks']
-    pure['blocks'] = {l: jax.tree.map(lambda a, l=l: a[l], stacked)
-                      for l in range(src.num_layers)}
-  elif dst.scan_layers and not src.scan_layers:
-    per_block = [pure['blocks'][l] for l in range(src.num_layers)]
-    pure['blocks'] = jax.tree.map(lambda *a: jnp.stack(a), *per_block)
-  state = nnx.state(dst)
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(dst, state)
+    return trunk.ModelOutput(logits_BxLxV, hidden, aux)

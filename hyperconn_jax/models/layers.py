@@ -63,16 +63,18 @@ def model_norm(config, dim: int, axis_name: str = 'embed') -> norms.Norm:
 
 
 class Embed(nnx.Module):
-  """Token embedding table [V, D]; `attend` is the tied unembedding."""
+  """Token embedding table [V, E] (E: `width`, the connection's embedding width, by default
+  config.d_model); `attend` is the tied unembedding (E = D only)."""
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
+  def __init__(self, config, *, rngs: nnx.Rngs, width: int | None = None):
     self.dtype = dtype_of(config.dtype)
     self.embedding = params.Embedding(
-        init_weight(config, rngs, (config.vocab_size, config.d_model), fan_in=config.d_model),
+        init_weight(config, rngs, (config.vocab_size, width or config.d_model),
+                    fan_in=config.d_model),
         out_sharding=('vocab', 'embed'))
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-    """int tokens [B, L] -> embeddings [B, L, D] in the compute dtype."""
+    """int tokens [B, L] -> embeddings [B, L, E] in the compute dtype."""
     return jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
 
   def attend(self, h_BxLxD: jax.Array) -> jax.Array:

@@ -9,14 +9,10 @@ import numpy as np
 from flax import nnx
 
 from hyperconn_jax import params
-from hyperconn_jax.models import build_model, decoder
+from hyperconn_jax.models import build_model, trunk
 
 SIZES = {
-    # CPU-sized shapes for tests and quick local runs.
-    'tiny': dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, head_dim=16,
-                 mlp_dim=256, tie_embeddings=True),
-    'small': dict(vocab_size=256, d_model=256, num_layers=4, num_heads=4, head_dim=64,
-                  mlp_dim=1024, tie_embeddings=True),
+    # The CPU-sized shapes live with their training setups in configs/lm.py (tiny, cpu).
     'olmo_1b': dict(vocab_size=50304, d_model=2048, num_layers=16, num_heads=16, head_dim=128,
                     mlp_dim=8192, tie_embeddings=True),
     'olmo_7b': dict(vocab_size=50304, d_model=4096, num_layers=32, num_heads=32, head_dim=128,
@@ -57,7 +53,7 @@ def param_counts(model_config) -> dict[str, int]:
   counts = {'connection': 0, 'other': 0}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
     keys = {getattr(k, 'key', None) for k in path}
-    group = 'connection' if keys & set(decoder.CONNECTION_ATTRS) else 'other'
+    group = 'connection' if keys & set(trunk.CONNECTION_ATTRS) else 'other'
     counts[group] += int(np.prod(leaf.shape))
   counts['total'] = counts['connection'] + counts['other']
   return counts

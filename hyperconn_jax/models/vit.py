@@ -4,7 +4,7 @@
   [-> class token prepended] -> dropout -> streams.expand -> blocks -> streams.reduce
   -> final norm -> pool (class token | mean over patches) -> linear head -> logits_BxC (float32)
 
-The blocks are the decoder's (`decoder.create_blocks` / `decoder.run_blocks`: the same
+The blocks are the trunk's (`trunk.create_blocks` / `trunk.run_blocks`, as the decoder's: the same
 connections with sub-layer indices 2l and 2l + 1, branch pre-norm, scan / remat) with
 bidirectional attention and no RoPE. Differences from the original ViT, kept for one code path:
 no biases inside the blocks, LayerNorm with a learned scale but no bias (config.norm_affine), and
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hyperconn_jax import connections, params, sharding
-from hyperconn_jax.models import decoder, layers
+from hyperconn_jax.models import layers, trunk
 
 POOLS = ('token', 'gap')
 
@@ -60,6 +60,7 @@ class ViT(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     v, d = config.vit, config.d_model
+    e = connections.layout(config.connection, d).embed_width  # The embedding's width.
     pdtype = layers.dtype_of(config.param_dtype)
     self.dtype = layers.dtype_of(config.dtype)
     self.stream_dtype = layers.dtype_of(config.stream_dtype)
@@ -67,34 +68,33 @@ class ViT(nnx.Module):
     self.num_layers = config.num_layers
     self.scan_layers = config.scan_layers
     self.remat_policy = config.remat_policy
-    decoder.remat_policy(config.remat_policy)  # Fails before any parameter is created.
+    trunk.remat_policy(config.remat_policy)  # Fails before any parameter is created.
     patch_dim = v.patch_size * v.patch_size * v.channels
     self.patch_embed = nnx.Param(
-        jax.random.normal(rngs.params(), (patch_dim, d), pdtype) / jnp.sqrt(patch_dim),
+        jax.random.normal(rngs.params(), (patch_dim, e), pdtype) / jnp.sqrt(patch_dim),
         out_sharding=(None, 'embed'))
-    self.patch_bias = params.Bias(jnp.zeros((d,), pdtype), out_sharding=('embed',))
+    self.patch_bias = params.Bias(jnp.zeros((e,), pdtype), out_sharding=('embed',))
     self.positions = params.Embedding(
-        config.init_std * jax.random.normal(rngs.params(), (num_patches(config), d), pdtype),
+        config.init_std * jax.random.normal(rngs.params(), (num_patches(config), e), pdtype),
         out_sharding=(None, 'embed'))
-    self.cls_token = (params.Embedding(jnp.zeros((d,), pdtype), out_sharding=('embed',))
+    self.cls_token = (params.Embedding(jnp.zeros((e,), pdtype), out_sharding=('embed',))
                       if v.pool == 'token' else None)
     self.streams = connections.build_streams(config.connection, dim=d,
                                              norm_eps=config.norm_eps, rngs=rngs)
-    self.blocks = decoder.create_blocks(config, rngs=rngs, causal=False)
+    self.blocks = trunk.create_blocks(config, rngs=rngs, causal=False)
     self.final_norm = layers.model_norm(config, d)
     self.head = nnx.Param(jnp.zeros((d, v.num_classes), pdtype), out_sharding=('embed', None))
     self.head_bias = params.Bias(jnp.zeros((v.num_classes,), pdtype), out_sharding=(None,))
 
-  def __call__(self, images_BxHxWxC: jax.Array, return_hidden: bool = False,
-               return_aux: bool = False, dropout_key: jax.Array | None = None):
-    """float images [B, H, W, C] -> float32 logits [B, num_classes].
+  def __call__(self, images_BxHxWxC: jax.Array) -> jax.Array:
+    """float images [B, H, W, C] -> float32 logits [B, num_classes] (no dropout)."""
+    return self.forward(images_BxHxWxC).logits
 
-    With return_hidden, returns (logits_BxC, hidden_Kx2xBxLxD): for each of the K blocks, the
-    inputs of its attention and FFN branches (before their pre-norm); L counts the patches (and
-    the class token, first). With return_aux, the MoE auxiliary outputs come last (as the
-    decoder's; {} for a dense FFN). dropout_key: None at evaluation; a key in training when
-    config.vit.dropout > 0.
-    """
+  def forward(self, images_BxHxWxC: jax.Array, *, return_hidden: bool = False,
+              dropout_key: jax.Array | None = None) -> trunk.ModelOutput:
+    """float images [B, H, W, C] -> ModelOutput (logits [B, num_classes]; hidden's L counts the
+    patches and the class token, first). dropout_key: None at evaluation; a key in training when
+    config.vit.dropout > 0."""
     patches_BxLxP = patchify(images_BxHxWxC.astype(self.dtype), self.patch_size)
     h_BxLxD = (jnp.einsum('blp,pd->bld', patches_BxLxP, self.patch_embed[...].astype(self.dtype))
                + self.patch_bias[...].astype(self.dtype)
@@ -108,8 +108,8 @@ class ViT(nnx.Module):
       embed_key, block_keys = jax.random.split(dropout_key)
     h_BxLxD = layers.dropout(h_BxLxD, self.dropout, embed_key)
     x_BxLxNxD = sharding.constrain(self.streams.expand(h_BxLxD.astype(self.stream_dtype)),
-                                   decoder.STREAMS_AXES)
-    x_BxLxNxD, hidden, aux = decoder.run_blocks(
+                                   trunk.STREAMS_AXES)
+    x_BxLxNxD, hidden, aux = trunk.run_blocks(
         self.blocks, x_BxLxNxD, num_layers=self.num_layers, scan_layers=self.scan_layers,
         policy_name=self.remat_policy,
         return_hidden=return_hidden, dropout=(self.dropout, block_keys))
@@ -119,4 +119,4 @@ class ViT(nnx.Module):
                             self.head[...].astype(self.dtype),
                             preferred_element_type=jnp.float32)
     logits_BxC = logits_BxC + self.head_bias[...].astype(jnp.float32)
-    return decoder.outputs(logits_BxC, hidden, aux, return_hidden, return_aux)
+    return trunk.ModelOutput(logits_BxC, hidden, aux)
