@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
+from hyperconn_jax import aot
+from hyperconn_jax import flops as flops_lib
 from hyperconn_jax import metrics as metrics_lib
 from hyperconn_jax import sharding, train_lib
 
@@ -88,56 +90,6 @@ def skip_reason(variant: Variant, d: int) -> str | None:
   return None
 
 
-def model_flops_per_step(config) -> float:
-  """Matmul FLOPs of one train step (3x the forward: PaLM's convention; attention counted whole,
-  not halved for causality), connections included."""
-  m = config.model
-  d, h, k, f, v = m.d_model, m.num_heads, m.head_dim, m.mlp_dim, m.vocab_size
-  seq = config.data.seq_len
-  conn = m.connection
-  per_sublayer_conn = 0.0
-  if conn.kind == 'hc':
-    n = conn.n
-    per_sublayer_conn = 2 * n * (n + 1) * d + (2 * n * d * (n + 2) if conn.dynamic else 0)
-  elif conn.kind == 'mhc':
-    n = conn.n
-    per_sublayer_conn = 2 * n * (n + 1) * d + 2 * n * d * (n * n + 2 * n)
-  elif conn.kind == 'frac':
-    mm = conn.m
-    per_sublayer_conn = 4 * mm * d + (2 * d * (2 * mm + 1) if conn.dynamic else 0)
-  per_layer = (2 * d * 3 * h * k + 2 * h * k * d + 4 * seq * h * k + 6 * d * f
-               + 2 * per_sublayer_conn)
-  forward_per_token = m.num_layers * per_layer + 2 * d * v
-  return 3.0 * forward_per_token * seq * config.train.batch_size
-
-
-def abstract_state(setup) -> train_lib.TrainState:
-  replicated = setup.state_shardings.step
-  return train_lib.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-      params=setup.abstract_model['params'], rest=setup.abstract_model['rest'],
-      opt_state=setup.abstract_opt_state)
-
-
-def abstract_batch(config, setup) -> dict:
-  shape = (config.train.batch_size, config.data.seq_len)
-  return {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding),
-          'targets': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding),
-          'weights': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=setup.batch_sharding)}
-
-
-def memory_of(compiled) -> dict:
-  """Bytes of the compiled step: arguments, outputs, temporaries, donated aliases and the peak."""
-  ma = compiled.memory_analysis()
-  out = {'argument_bytes': int(ma.argument_size_in_bytes),
-         'output_bytes': int(ma.output_size_in_bytes),
-         'temp_bytes': int(ma.temp_size_in_bytes),
-         'alias_bytes': int(ma.alias_size_in_bytes)}
-  out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes'] + out['temp_bytes']
-                       - out['alias_bytes'])
-  return out
-
-
 class Compiled:
   """One variant's compiled train step, its state and a fixed random batch."""
 
@@ -149,11 +101,11 @@ class Compiled:
       self.setup = train_lib.make_setup(config, mesh, rules)
       step = train_lib.make_train_step(config, self.setup)
       start, start_cpu = time.perf_counter(), time.process_time()
-      self.step = step.lower(abstract_state(self.setup), abstract_batch(config, self.setup)
-                             ).compile()
+      self.step = step.lower(train_lib.abstract_train_state(self.setup),
+                             train_lib.abstract_batch(config, self.setup)).compile()
       self.compile_s = time.perf_counter() - start
       self.compile_cpu_s = time.process_time() - start_cpu
-      self.memory = memory_of(self.step)
+      self.memory = aot.memory_of(self.step)
       if not allocate:
         return
       self.state = train_lib.init_state(config, self.setup)
@@ -228,7 +180,7 @@ def time_width(d: int, variants: list[Variant], args, matmul: Matmul) -> list[di
   for variant, compiled in members:
     t = np.asarray(times[variant])
     cpu = np.asarray(cpu_times[variant])
-    flops = model_flops_per_step(compiled.config)
+    flops = flops_lib.model_flops_per_step(compiled.config)
     tokens = args.batch * args.seq
     rows.append({
         'd': d, 'variant': variant.name, 'rate': variant.rate, 'label': variant.label,

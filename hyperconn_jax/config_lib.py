@@ -151,15 +151,22 @@ def validate_mesh_for_devices(config, num_devices: int) -> None:
          f'the {shards} shards of the batch mesh axes {tuple(batch_axes)}')
 
 
-def validate(config) -> None:
-  """Validates every constrained field of a full config; raises ValueError before any compilation."""
-  from hyperconn_jax import data, models  # Imported lazily: configs import this module.
+def validate_step(config) -> None:
+  """Validates the fields the train step is built from (seed, model, optim, train, mesh), not the
+  data source (the ahead-of-time pod check compiles without data); raises ValueError."""
+  from hyperconn_jax import models  # Imported lazily: configs import this module.
   _check(_is_int(config.seed), 'seed', config.seed, 'must be an integer')
   models.validate(config.model)
-  data.validate(config.data)
   _validate_optim(config.optim)
   _validate_train(config)
   _validate_mesh(config.mesh)
+
+
+def validate(config) -> None:
+  """Validates every constrained field of a full config; raises ValueError before any compilation."""
+  from hyperconn_jax import data  # Imported lazily: configs import this module.
+  validate_step(config)
+  data.validate(config.data)
   vocab = data.get_tokenizer(config.data).vocab_size
   _check(config.model.vocab_size >= vocab, 'model.vocab_size', config.model.vocab_size,
          f'must be >= the tokenizer vocabulary ({vocab}, data.tokenizer={config.data.tokenizer!r})')

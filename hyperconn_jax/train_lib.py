@@ -35,6 +35,7 @@ from hyperconn_jax import config_lib
 from hyperconn_jax import data
 from hyperconn_jax import evaluation
 from hyperconn_jax import metrics as metrics_lib
+from hyperconn_jax import models
 from hyperconn_jax import optim
 from hyperconn_jax import sharding
 from hyperconn_jax import tasks
@@ -164,6 +165,28 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
                schedule=schedule, state_shardings=state_shardings,
                abstract_opt_state=abstract_opt_state,
                batch_sharding=tasks.batch_sharding(config, mesh, rules))
+
+
+def abstract_train_state(setup: Setup) -> TrainState:
+  """The TrainState as ShapeDtypeStructs with their shardings (to lower the step without data)."""
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=setup.state_shardings.step),
+                    params=setup.abstract_model['params'], rest=setup.abstract_model['rest'],
+                    opt_state=setup.abstract_opt_state)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, setup: Setup) -> dict[str, jax.Array]:
+  """A global training batch as ShapeDtypeStructs with the batch sharding (see tasks)."""
+  b, m = config.train.batch_size, config.model
+  if models.task(m) == 'lm':
+    shapes = {'inputs': ((b, config.data.seq_len), jnp.int32),
+              'targets': ((b, config.data.seq_len), jnp.int32),
+              'weights': ((b, config.data.seq_len), jnp.float32)}
+  else:
+    shapes = {'inputs': ((b, m.vit.image_size, m.vit.image_size, m.vit.channels), jnp.float32),
+              'targets': ((b, m.vit.num_classes), jnp.float32),
+              'weights': ((b,), jnp.float32)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding)
+          for k, (shape, dtype) in shapes.items()}
 
 
 def init_state(config: ml_collections.ConfigDict, setup: Setup) -> TrainState:
