@@ -102,6 +102,8 @@ def _validate_train(config) -> None:
     _positive_int(f'train.{name}', t[name])
   _check(_is_int(t.eval_batches), 'train.eval_batches', t.eval_batches,
          'must be an integer (<= 0: the whole validation split)')
+  for name in ('profile_start_step', 'profile_num_steps'):
+    _check(_is_int(t[name]) and t[name] >= 0, f'train.{name}', t[name], 'must be an integer >= 0')
   _check(t.batch_size % config.optim.grad_accum_steps == 0, 'train.batch_size', t.batch_size,
          f'must be divisible by optim.grad_accum_steps={config.optim.grad_accum_steps}')
   if config.data.num_shards > 0:

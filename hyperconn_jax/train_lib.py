@@ -33,14 +33,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 from hyperconn_jax import checkpoint
 from hyperconn_jax import config_lib
 from hyperconn_jax import data
+from hyperconn_jax import devices as devices_lib
 from hyperconn_jax import evaluation
+from hyperconn_jax import flops as flops_lib
 from hyperconn_jax import metrics as metrics_lib
 from hyperconn_jax import models
 from hyperconn_jax import optim
+from hyperconn_jax import profiler
 from hyperconn_jax import sharding
 from hyperconn_jax import tasks
 
 PyTree = Any
+PROFILE_DIR = 'profile'  # Under the workdir.
 
 
 @flax.struct.dataclass
@@ -283,6 +287,23 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def throughput_metrics(config: ml_collections.ConfigDict):
+  """fn(updates per second) -> {'tflops_per_device', 'mfu'}: the model FLOPs of the step
+  (hyperconn_jax.flops) achieved per device and their fraction of the device's peak
+  (hyperconn_jax.devices: the vendor figure, or a measured matmul on CPU). The function returns {}
+  for models the FLOPs formula does not describe (ViT, MoE)."""
+  if models.task(config.model) != 'lm' or config.model.ffn != 'dense':
+    return lambda steps_per_sec: {}
+  per_device = flops_lib.model_flops_per_step(config) / jax.device_count()
+  peak = devices_lib.peak_flops_per_second(jax.local_devices()[0])
+
+  def rates(steps_per_sec: float) -> dict[str, float]:
+    achieved = per_device * steps_per_sec
+    return {'tflops_per_device': achieved / 1e12, 'mfu': achieved / peak}
+
+  return rates
+
+
 def _count(tree: PyTree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -323,6 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_lib.validate(config)
   config_lib.validate_mesh_for_devices(config, jax.device_count())
   checkpoint.ensure_writable(workdir)
+  if config.train.compilation_cache_dir:
+    # Before the first compilation of the process: JAX decides once whether to use the cache.
+    jax.config.update('jax_compilation_cache_dir', config.train.compilation_cache_dir)
   data.ensure_prepared(config)
   is_chief = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
@@ -338,6 +362,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  f'{_count(setup.abstract_model["rest"]):,}')
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     writer = progress = None
+    profile = profiler.ProfileWindow(os.path.join(workdir, PROFILE_DIR),
+                                     start_step=config.train.profile_start_step,
+                                     num_steps=config.train.profile_num_steps, enabled=is_chief)
     try:
       train_iter = data.make_train_iterator(config, process_index=jax.process_index(),
                                             process_count=jax.process_count())
@@ -365,8 +392,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       progress = metrics_lib.Progress(enabled=is_chief, start_step=start,
                                       num_steps=config.train.num_steps)
       result = _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt,
-                     writer, progress, stop, facts)
+                     writer, progress, stop, facts, profile)
     finally:
+      profile.close()
       if progress is not None:
         progress.close()
       ckpt.wait()  # Saves already started hold finite, checked states: let them finish.
@@ -377,14 +405,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt, writer,
-          progress, stop, meta) -> dict[str, Any]:
+          progress, stop, meta, profile) -> dict[str, Any]:
   """The update loop of train_and_evaluate (see the module docstring for the order); `meta`, the
-  run facts, goes into every checkpoint."""
+  run facts, goes into every checkpoint; `profile` traces its window of updates."""
   num_steps = config.train.num_steps
   train_cfg = config.train
   multi_process = jax.process_count() > 1
   pending = None  # (step, device metrics) of the last dispatched update, not yet fetched.
   last_train, last_eval = {}, {}
+  throughput = throughput_metrics(config)
 
   def fetch(step, device_metrics):
     nonlocal last_train
@@ -392,7 +421,8 @@ def _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt, 
     check_finite(step, host)
     progress.update(step, host['loss'], host['tokens'])
     if step % train_cfg.log_every == 0 or step == num_steps:
-      row = dict(host, tokens_per_sec=progress.tokens_per_second())
+      tokens_per_sec, steps_per_sec = progress.throughput()
+      row = dict(host, tokens_per_sec=tokens_per_sec, **throughput(steps_per_sec))
       writer.write(step, row)
       logging.info('step %d: %s', step, ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
     last_train = host
@@ -402,8 +432,10 @@ def _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt, 
   step = start
   while step < num_steps:
     local = next(train_iter)
+    profile.before_update(step + 1)
     state, device_metrics = train_step(state, evaluation.global_batch(local, setup.batch_sharding))
     step += 1
+    profile.after_update(step, (state, device_metrics))
     if pending is not None:
       fetch(*pending)
     pending = (step, device_metrics)

@@ -134,6 +134,8 @@ BAD_VALUES = [
     ('train.eval_every', 0, {}),
     ('train.eval_batches', True, {}),
     ('train.checkpoint_every', 0, {}),
+    ('train.profile_start_step', -1, {}),
+    ('train.profile_num_steps', -2, {}),
     ('checkpoint.keep_latest', 0, {}),
     ('checkpoint.keep_best', -1, {}),
     ('mesh.shape', (1, -1), {}),
@@ -148,6 +150,7 @@ UNCONSTRAINED = {
     'model.connection.alpha_scale_init', 'model.connection.beta_scale_init',
     'model.connection.gate_init', 'model.connection.res_offdiag_logit',  # Initial values.
     'model.connection.index_base',  # Any integer: taken modulo n.
+    'train.compilation_cache_dir',  # Any path or URL ('' is off).
 }
 # Checked by the image pipeline (data/images.py) when it opens the dataset, before compilation.
 IMAGE_PIPELINE = {'data.image_key', 'data.label_key'}
