@@ -354,6 +354,16 @@ def parse_args(argv=None):
   return args
 
 
+def write_outputs(json_path: str, result, markdown_path: str, table: str) -> None:
+  """Writes `result` as JSON and the markdown `table`, each where its path is not empty."""
+  for path, write in ((json_path, lambda f: json.dump(result, f, indent=1)),
+                      (markdown_path, lambda f: f.write(table))):
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      with open(path, 'w') as f:
+        write(f)
+
+
 def main(argv=None):
   args = parse_args(argv)
   result = {'machine': machine(), 'args': vars(args), 'command': ' '.join(sys.argv),
@@ -370,14 +380,7 @@ def main(argv=None):
   result['machine']['load_average_end'] = list(os.getloadavg())
   table = markdown([result])
   print(table)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(result, f, indent=1)
-  if args.markdown:
-    os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-    with open(args.markdown, 'w') as f:
-      f.write(table)
+  write_outputs(args.out, result, args.markdown, table)
 
 
 if __name__ == '__main__':

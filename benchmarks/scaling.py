@@ -20,9 +20,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # Compile only: never run anything on a local TPU.
 
-from configs import paper  # pylint: disable=g-import-not-at-top
+import bench  # pylint: disable=g-import-not-at-top
+from configs import paper
 from hyperconn_jax import aot
 
 
@@ -113,14 +115,7 @@ def main(argv=None):
               'time_utc': time.strftime('%Y-%m-%d %H:%M', time.gmtime()), 'rows': rows}
   table = markdown(rows)
   print(table)
-  if args.out and result is not None:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(result, f, indent=1)
-  if args.markdown:
-    os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-    with open(args.markdown, 'w') as f:
-      f.write(table)
+  bench.write_outputs(args.out if result is not None else '', result, args.markdown, table)
 
 
 if __name__ == '__main__':
