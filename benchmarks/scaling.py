@@ -4,7 +4,7 @@ For each experiment of configs/paper.py at size=paper and the TPU slice --topolo
 (gradient accumulation, remat policy) candidates in order (least accumulation first, then each
 remat policy in --remat order) and keeps the first whose compiled step fits in the chip's HBM.
 Reports the mesh, per-chip microbatch, accumulation, remat, memory per chip and the roofline step
-time, with each variant's step-time ratio to the first experiment (the residual baseline).
+time, with each variant's step-time ratio to the residual Pre-Norm on the same slice.
 
   python benchmarks/scaling.py --topology=v5p:4x4x4 --accum=2,4,8 --out=runs/scaling/v5p.json
   python benchmarks/scaling.py --merge runs/scaling/v5p.json runs/scaling/v5e.json \
@@ -62,25 +62,27 @@ def fit(experiment: str, topology: str, accums: list[int], remats: list[str], se
 
 
 def markdown(rows: list[dict]) -> str:
-  """One table row per (topology, experiment); ratios are to the first experiment of the topology."""
+  """One table row per (topology, experiment), the residual Pre-Norm first; ratios are to it."""
+  topologies = list(dict.fromkeys(r['topology'] for r in rows))
+  rows = sorted(rows, key=lambda r: (topologies.index(r['topology']),
+                                     r.get('connection') != 'residual_prenorm'))
+  baseline = {r['topology']: r.get('roofline_step_s') for r in rows
+              if r.get('connection') == 'residual_prenorm'}
   lines = ['| slice | model | mesh | per-chip microbatch x accumulation | remat | memory per chip '
            '(of HBM) | roofline step | x residual | model FLOPs per step |',
            '|:---|:---|:---|:---:|:---|---:|---:|---:|---:|']
-  baseline = {}
   for r in rows:
     if not r['fits']:
       lines.append(f"| {r['topology']} | {r['experiment']} | - | no candidate fits | | | | | |")
       continue
-    step_s = r.get('roofline_step_s')
-    base = baseline.setdefault(r['topology'], step_s)
-    timing = (f'{step_s:.2f} s | {step_s / base:.3f}' if step_s and base
-              else 'not computed | -')
+    step_s, base = r.get('roofline_step_s'), baseline.get(r['topology'])
+    timing = f'{step_s:.2f} s | ' if step_s else 'not computed | '
+    timing += f'{step_s / base:.3f}' if step_s and base else '-'
     mesh = ' x '.join(f'{k} {v}' for k, v in r['mesh'].items() if v > 1) or 'one chip'
     lines.append(
         f"| {r['topology']} ({r['num_chips']} chips) | {r['experiment']} | {mesh} | "
         f"{r['per_chip_microbatch']:g} x {r['grad_accum_steps']} | {r['remat_policy']} | "
-        f"{r['peak_bytes'] / 2**30:.1f} GiB ({r['hbm_fraction']:.0%}) | "
-        f"{timing} | "
+        f"{r['peak_bytes'] / 2**30:.1f} GiB ({r['hbm_fraction']:.0%}) | {timing} | "
         f"{r['model_flops_per_step']:.3g} |")
   return '\n'.join(lines) + '\n'
 
@@ -89,7 +91,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--topology', default='v5p:4x4x4')
   p.add_argument('--experiments', default='prenorm,dhc4,mhc4',
-                 help='configs/paper.py experiments; the first is the baseline of the ratios')
+                 help='configs/paper.py experiments (prenorm: the baseline of the ratios)')
   p.add_argument('--accum', type=_ints, default=[1, 2, 4, 8],
                  help='gradient accumulation steps to try, in order')
   p.add_argument('--remat', default='dots_no_batch,full', help='remat policies to try, in order')
