@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from hyperconn_jax import connections, models
+from hyperconn_jax import aot, connections, models
+from hyperconn_jax import flops as flops_lib
 from hyperconn_jax import metrics as metrics_lib
 from hyperconn_jax import sharding, train_lib
-from hyperconn_jax.flops import model_flops_per_step
 
 BASELINE = 'residual_prenorm'
 # --variants: LABEL=KIND/FIELD=VALUE/... sets model.connection.KIND.FIELD; a VALUE of N is replaced
@@ -123,33 +123,6 @@ def skip_reason(config) -> str | None:
   return None
 
 
-def abstract_state(setup) -> train_lib.TrainState:
-  replicated = setup.state_shardings.step
-  return train_lib.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-      params=setup.abstract_model['params'], rest=setup.abstract_model['rest'],
-      opt_state=setup.abstract_opt_state)
-
-
-def abstract_batch(config, setup) -> dict:
-  shape = (config.train.batch_size, config.data.seq_len)
-  return {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding),
-          'targets': jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding),
-          'weights': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=setup.batch_sharding)}
-
-
-def memory_of(compiled) -> dict:
-  """Bytes of the compiled step: arguments, outputs, temporaries, donated aliases and the peak."""
-  ma = compiled.memory_analysis()
-  out = {'argument_bytes': int(ma.argument_size_in_bytes),
-         'output_bytes': int(ma.output_size_in_bytes),
-         'temp_bytes': int(ma.temp_size_in_bytes),
-         'alias_bytes': int(ma.alias_size_in_bytes)}
-  out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes'] + out['temp_bytes']
-                       - out['alias_bytes'])
-  return out
-
-
 class Compiled:
   """One variant's compiled train step, its state and a fixed random batch."""
 
@@ -161,11 +134,11 @@ class Compiled:
       self.setup = train_lib.make_setup(config, mesh, rules)
       step = train_lib.make_train_step(config, self.setup)
       start, start_cpu = time.perf_counter(), time.process_time()
-      self.step = step.lower(abstract_state(self.setup), abstract_batch(config, self.setup)
-                             ).compile()
+      self.step = step.lower(train_lib.abstract_train_state(self.setup),
+                             train_lib.abstract_batch(config, self.setup)).compile()
       self.compile_s = time.perf_counter() - start
       self.compile_cpu_s = time.process_time() - start_cpu
-      self.memory = memory_of(self.step)
+      self.memory = aot.memory_of(self.step)
       if not allocate:
         return
       self.state = train_lib.init_state(config, self.setup)
@@ -240,7 +213,7 @@ def time_width(d: int, variants: list[Variant], args, matmul: Matmul) -> list[di
   for variant, compiled in members:
     t = np.asarray(times[variant])
     cpu = np.asarray(cpu_times[variant])
-    flops = model_flops_per_step(compiled.config)
+    flops = flops_lib.model_flops_per_step(compiled.config)
     tokens = args.batch * args.seq
     rows.append({
         'd': d, 'variant': variant.kind, 'rate': variant.rate, 'label': variant.name,
@@ -419,6 +392,16 @@ def parse_args(argv=None):
   return args
 
 
+def write_outputs(json_path: str, result, markdown_path: str, table: str) -> None:
+  """Writes `result` as JSON and the markdown `table`, each where its path is not empty."""
+  for path, write in ((json_path, lambda f: json.dump(result, f, indent=1)),
+                      (markdown_path, lambda f: f.write(table))):
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      with open(path, 'w') as f:
+        write(f)
+
+
 def main(argv=None):
   args = parse_args(argv)
   result = {'machine': machine(),
@@ -436,14 +419,7 @@ def main(argv=None):
   result['machine']['load_average_end'] = list(os.getloadavg())
   table = markdown([result])
   print(table)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(result, f, indent=1)
-  if args.markdown:
-    os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-    with open(args.markdown, 'w') as f:
-      f.write(table)
+  write_outputs(args.out, result, args.markdown, table)
 
 
 if __name__ == '__main__':

@@ -33,9 +33,8 @@ import jax  # pylint: disable=g-import-not-at-top
 from jax.experimental import topologies
 import jax.numpy as jnp
 
-import bench
 from configs import lm
-from hyperconn_jax import sharding, train_lib
+from hyperconn_jax import aot, sharding, train_lib
 from hyperconn_jax.models import attention
 
 GiB = 2 ** 30
@@ -67,16 +66,16 @@ def step_config(variant: str, *, length: int, seq_per_chip: int, chips: int, lay
 
 
 def compile_step(config, devs):
-  """The train step compiled for `devs`; returns bench.memory_of(compiled) and the seconds."""
+  """The train step compiled for `devs`; returns aot.memory_of(compiled) and the seconds."""
   mesh = sharding.make_mesh(config.mesh, devs)
   rules = sharding.logical_rules(config.mesh)
   with sharding.activate(mesh, rules):
     setup = train_lib.make_setup(config, mesh, rules)
     step = train_lib.make_train_step(config, setup)
     start = time.perf_counter()
-    compiled = step.lower(bench.abstract_state(setup), bench.abstract_batch(config, setup)
+    compiled = step.lower(train_lib.abstract_train_state(setup), train_lib.abstract_batch(config, setup)
                           ).compile()
-  return bench.memory_of(compiled), time.perf_counter() - start
+  return aot.memory_of(compiled), time.perf_counter() - start
 
 
 def compile_attention(name: str, *, length: int, seq_per_chip: int, devs):
@@ -96,7 +95,7 @@ def compile_attention(name: str, *, length: int, seq_per_chip: int, devs):
       return jnp.sum(out.astype(jnp.float32))
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
-  return bench.memory_of(compiled)
+  return aot.memory_of(compiled)
 
 
 def main():

@@ -223,6 +223,14 @@ def get_config() -> ml_collections.ConfigDict:
       eval_every=200,
       eval_batches=20,
       checkpoint_every=200,
+      # Persistent XLA compilation cache (a directory or gs:// URL, shared by runs and restarts:
+      # a resumed or repeated run skips compiling); '' is off.
+      compilation_cache_dir='',
+      # Profiler window: updates profile_start_step + 1 .. profile_start_step + profile_num_steps
+      # are traced on process 0 to WORKDIR/profile (TensorBoard's profile plugin / XProf);
+      # profile_num_steps=0 is off.
+      profile_start_step=10,
+      profile_num_steps=0,
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(

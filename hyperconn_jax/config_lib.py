@@ -104,6 +104,8 @@ def _validate_train(config) -> None:
     _positive_int(f'train.{name}', t[name])
   _check(_is_int(t.eval_batches), 'train.eval_batches', t.eval_batches,
          'must be an integer (<= 0: the whole validation split)')
+  for name in ('profile_start_step', 'profile_num_steps'):
+    _check(_is_int(t[name]) and t[name] >= 0, f'train.{name}', t[name], 'must be an integer >= 0')
   _check(t.batch_size % config.optim.grad_accum_steps == 0, 'train.batch_size', t.batch_size,
          f'must be divisible by optim.grad_accum_steps={config.optim.grad_accum_steps}')
   if config.data.num_shards > 0:
@@ -145,14 +147,20 @@ def validate_mesh_for_devices(config, num_devices: int) -> None:
          f'the {shards} shards of the batch mesh axes {tuple(batch_axes)}')
 
 
-def validate(config) -> None:
-  """Validates every constrained field of a full config; raises ValueError before any compilation."""
+def validate_step(config) -> None:
+  """Validates the fields the train step is built from (seed, model, optim, train, mesh), not the
+  data source (the ahead-of-time pod check compiles without data); raises ValueError."""
   _check(_is_int(config.seed), 'seed', config.seed, 'must be an integer')
   models.validate(config.model)
-  data.validate(config.data)
   _validate_optim(config.optim)
   _validate_train(config)
   _validate_mesh(config.mesh)
+
+
+def validate(config) -> None:
+  """Validates every constrained field of a full config; raises ValueError before any compilation."""
+  validate_step(config)
+  data.validate(config.data)
   vocab = data.get_tokenizer(config.data).vocab_size
   _check(config.model.vocab_size >= vocab, 'model.vocab_size', config.model.vocab_size,
          f'must be >= the tokenizer vocabulary ({vocab}, data.tokenizer={config.data.tokenizer!r})')

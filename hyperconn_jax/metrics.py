@@ -84,6 +84,7 @@ class Progress:
                            file=sys.stderr) if enabled else None)
     self._last_time = self._last_update = time.perf_counter()
     self._tokens = 0.0
+    self._steps = 0
     self._rate = None
 
   def update(self, step: int, loss: float, tokens: float) -> None:
@@ -93,17 +94,20 @@ class Progress:
     self._rate = rate if self._rate is None else 0.9 * self._rate + 0.1 * rate
     self._last_update = now
     self._tokens += tokens
+    self._steps += 1
     if self._bar is not None:
       self._bar.n = step
       self._bar.set_postfix(loss=f'{loss:.4f}', tok_per_s=f'{self._rate:.4g}', refresh=False)
       self._bar.refresh()
 
-  def tokens_per_second(self) -> float:
-    """Tokens per second since the previous call (restarting the measurement)."""
+  def throughput(self) -> tuple[float, float]:
+    """(tokens per second, updates per second) since the previous call (restarting the
+    measurement)."""
     now = time.perf_counter()
-    rate = self._tokens / max(now - self._last_time, 1e-9)
-    self._last_time, self._tokens = now, 0.0
-    return rate
+    elapsed = max(now - self._last_time, 1e-9)
+    rates = self._tokens / elapsed, self._steps / elapsed
+    self._last_time, self._tokens, self._steps = now, 0.0, 0
+    return rates
 
   def close(self) -> None:
     if self._bar is not None:

@@ -34,14 +34,18 @@ from hyperconn_jax import checkpoint
 from hyperconn_jax import config_lib
 from hyperconn_jax import connections
 from hyperconn_jax import data
+from hyperconn_jax import devices as devices_lib
 from hyperconn_jax import evaluation
+from hyperconn_jax import flops as flops_lib
 from hyperconn_jax import metrics as metrics_lib
 from hyperconn_jax import models
 from hyperconn_jax import optim
+from hyperconn_jax import profiler
 from hyperconn_jax import sharding
 from hyperconn_jax import tasks
 
 PyTree = Any
+PROFILE_DIR = 'profile'  # Under the workdir.
 
 
 @flax.struct.dataclass
@@ -173,6 +177,28 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
                batch_sharding=tasks.batch_sharding(config, mesh, rules))
 
 
+def abstract_train_state(setup: Setup) -> TrainState:
+  """The TrainState as ShapeDtypeStructs with their shardings (to lower the step without data)."""
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=setup.state_shardings.step),
+                    params=setup.abstract_model['params'], rest=setup.abstract_model['rest'],
+                    opt_state=setup.abstract_opt_state)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, setup: Setup) -> dict[str, jax.Array]:
+  """A global training batch as ShapeDtypeStructs with the batch sharding (see tasks)."""
+  b, m = config.train.batch_size, config.model
+  if models.task(m) == 'lm':
+    shapes = {'inputs': ((b, config.data.seq_len), jnp.int32),
+              'targets': ((b, config.data.seq_len), jnp.int32),
+              'weights': ((b, config.data.seq_len), jnp.float32)}
+  else:
+    shapes = {'inputs': ((b, m.vit.image_size, m.vit.image_size, m.vit.channels), jnp.float32),
+              'targets': ((b, m.vit.num_classes), jnp.float32),
+              'weights': ((b,), jnp.float32)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding)
+          for k, (shape, dtype) in shapes.items()}
+
+
 def init_state(config: ml_collections.ConfigDict, setup: Setup) -> TrainState:
   """A fresh TrainState (parameters from config.seed), created directly in its shards."""
   model = models.create_model(config.model, setup.mesh, setup.rules, config.seed)
@@ -267,6 +293,23 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def throughput_metrics(config: ml_collections.ConfigDict):
+  """fn(updates per second) -> {'tflops_per_device', 'mfu'}: the model FLOPs of the step
+  (hyperconn_jax.flops) achieved per device and their fraction of the device's peak
+  (hyperconn_jax.devices: the vendor figure, or a measured matmul on CPU). The function returns {}
+  for models the FLOPs formula does not describe (ViT, MoE)."""
+  if models.task(config.model) != 'lm' or config.model.ffn != 'dense':
+    return lambda steps_per_sec: {}
+  per_device = flops_lib.model_flops_per_step(config) / jax.device_count()
+  peak = devices_lib.peak_flops_per_second(jax.local_devices()[0])
+
+  def rates(steps_per_sec: float) -> dict[str, float]:
+    achieved = per_device * steps_per_sec
+    return {'tflops_per_device': achieved / 1e12, 'mfu': achieved / peak}
+
+  return rates
+
+
 def _count(tree: PyTree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -307,6 +350,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_lib.validate(config)
   config_lib.validate_mesh_for_devices(config, jax.device_count())
   checkpoint.ensure_writable(workdir)
+  if config.train.compilation_cache_dir:
+    # Before the first compilation of the process: JAX decides once whether to use the cache.
+    jax.config.update('jax_compilation_cache_dir', config.train.compilation_cache_dir)
   data.ensure_prepared(config)
   is_chief = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
@@ -322,6 +368,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  f'{_count(setup.abstract_model["rest"]):,}')
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     writer = progress = None
+    profile = profiler.ProfileWindow(os.path.join(workdir, PROFILE_DIR),
+                                     start_step=config.train.profile_start_step,
+                                     num_steps=config.train.profile_num_steps, enabled=is_chief)
     try:
       train_iter = data.make_train_iterator(config, process_index=jax.process_index(),
                                             process_count=jax.process_count())
@@ -349,8 +398,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       progress = metrics_lib.Progress(enabled=is_chief, start_step=start,
                                       num_steps=config.train.num_steps)
       result = _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt,
-                     writer, progress, stop, facts)
+                     writer, progress, stop, facts, profile)
     finally:
+      profile.close()
       if progress is not None:
         progress.close()
       ckpt.wait()  # Saves already started hold finite, checked states: let them finish.
@@ -361,14 +411,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt, writer,
-          progress, stop, meta) -> dict[str, Any]:
+          progress, stop, meta, profile) -> dict[str, Any]:
   """The update loop of train_and_evaluate (see the module docstring for the order); `meta`, the
-  run facts, goes into every checkpoint."""
+  run facts, goes into every checkpoint; `profile` traces its window of updates."""
   num_steps = config.train.num_steps
   train_cfg = config.train
   multi_process = jax.process_count() > 1
   pending = None  # (step, device metrics) of the last dispatched update, not yet fetched.
   last_train, last_eval = {}, {}
+  throughput = throughput_metrics(config)
 
   def fetch(step, device_metrics):
     nonlocal last_train
@@ -376,7 +427,8 @@ def _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt, 
     check_finite(step, host)
     progress.update(step, host['loss'], host['tokens'])
     if step % train_cfg.log_every == 0 or step == num_steps:
-      row = dict(host, tokens_per_sec=progress.tokens_per_second())
+      tokens_per_sec, steps_per_sec = progress.throughput()
+      row = dict(host, tokens_per_sec=tokens_per_sec, **throughput(steps_per_sec))
       writer.write(step, row)
       logging.info('step %d: %s', step, ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
     last_train = host
@@ -386,8 +438,10 @@ def _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt, 
   step = start
   while step < num_steps:
     local = next(train_iter)
+    profile.before_update(step + 1)
     state, device_metrics = train_step(state, evaluation.global_batch(local, setup.batch_sharding))
     step += 1
+    profile.after_update(step, (state, device_metrics))
     if pending is not None:
       fetch(*pending)
     pending = (step, device_metrics)

@@ -146,6 +146,8 @@ BAD_VALUES = [
     ('train.eval_every', 0, {}),
     ('train.eval_batches', True, {}),
     ('train.checkpoint_every', 0, {}),
+    ('train.profile_start_step', -1, {}),
+    ('train.profile_num_steps', -2, {}),
     ('checkpoint.keep_latest', 0, {}),
     ('checkpoint.keep_best', -1, {}),
     ('mesh.shape', (1, -1), {}),
@@ -160,6 +162,7 @@ UNCONSTRAINED = {
     *(f'model.connection.{k}.{f}' for k in ('hc', 'frac') for f in ('alpha_scale_init',
                                                                      'beta_scale_init')),
     'model.connection.mhc.gate_init', 'model.connection.mhc.res_offdiag_logit',  # Initial values.
+    'train.compilation_cache_dir',  # Any path or URL ('' is off).
 }
 # Checked by the image pipeline (data/images.py) when it opens the dataset, before compilation.
 IMAGE_PIPELINE = {'data.image_key', 'data.label_key'}
