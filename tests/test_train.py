@@ -229,25 +229,3 @@ def test_config_errors_before_compile(corpus, tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message.replace('.', r'\.')):
     train_lib.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
-
-
-@pytest.mark.parametrize('env,expected', [
-    ({}, None),
-    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}, None),
-    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}, 'SLURM'),
-    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, None),
-    ({'TPU_WORKER_HOSTNAMES': 'h0,h1,h2,h3'}, 'Cloud TPU (TPU_WORKER_HOSTNAMES)'),
-    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, 'JAX_COORDINATOR_ADDRESS'),
-    ({'OMPI_COMM_WORLD_SIZE': '2'}, 'Open MPI'),
-])
-def test_cluster_environment_detection(monkeypatch, env, expected):
-  from hyperconn_jax import distributed
-  for name in ('JAX_COORDINATOR_ADDRESS', 'TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES',
-               'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'SLURM_NTASKS',
-               'OMPI_COMM_WORLD_SIZE'):
-    monkeypatch.delenv(name, raising=False)
-  for name, value in env.items():
-    monkeypatch.setenv(name, value)
-  assert distributed.cluster_environment() == expected
-  if expected is None:  # A single process: nothing to initialise.
-    assert distributed.maybe_initialize() is False
