@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import helpers
-from hyperconn_jax import checkpoint, data, train_lib
+from hyperconn_jax import checkpoint, data, rundir, train_lib
 
 NUM_STEPS = 30
 
@@ -83,7 +83,7 @@ def test_loss_falls_and_outputs_written(full_run):
   ratio = eval_rows[-1]['eval_bits_per_byte'] / (eval_rows[-1]['eval_loss'] / np.log(2))
   assert 1.0 < ratio < 1.05
   with open(os.path.join(workdir, 'config.json')) as f:
-    assert train_lib.config_from_json(json.load(f)).to_dict() == config.to_dict()
+    assert rundir.config_from_json(json.load(f)).to_dict() == config.to_dict()
   with open(os.path.join(workdir, 'run.json')) as f:
     facts = json.load(f)
   assert facts['backend'] == 'cpu' and facts['device_count'] == jax.device_count()

@@ -23,7 +23,7 @@ import jax
 
 import helpers
 from configs import lm
-from hyperconn_jax import checkpoint, data, sharding, train_lib
+from hyperconn_jax import checkpoint, data, paths, rundir, sharding, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/lm.py:size=tiny'
@@ -151,7 +151,9 @@ def kill_all(procs) -> None:
 
 
 def rows(workdir) -> list[dict]:
-  """The rows of WORKDIR/metrics.jsonl ([] if it does not exist yet)."""
+  """The rows of WORKDIR/metrics.jsonl ([] if it does not exist yet; a bucket's is buffered)."""
+  if paths.is_remote(workdir):
+    return rundir.read_metrics(workdir)
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
@@ -168,11 +170,14 @@ def eval_losses(workdir) -> dict[int, float]:
 
 
 def finalized_steps(workdir) -> list[int]:
-  """Checkpoint steps whose save finished (orbax renames a step directory when it is complete)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  """Checkpoint steps whose save finished (orbax renames a step directory when it is complete on
+  a local disk; on a bucket it writes the commit marker last)."""
+  directory = paths.as_path(workdir) / 'checkpoints'
+  if not directory.is_dir():
     return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  remote = paths.is_remote(workdir)
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and (not remote or (p / 'commit_success.txt').exists()))
 
 
 def wait_until(condition, procs, what: str, log_path, timeout: float = RUN_TIMEOUT_S) -> None:
