@@ -8,12 +8,14 @@ text files) or any prepared TFDS dataset, read through grain (no TensorFlow). Cl
   ensure_prepared(config)                   prepares 'stdlib' / 'text_files', explains the rest,
                                             checks token shards' tokenizer and the eval split size
   make_train_iterator(config, *, process_index=0, process_count=1) -> grain DatasetIterator
-  make_eval_iterator(config, *, process_index=0, process_count=1, num_batches) -> DatasetIterator
+  make_eval_iterator(config, *, process_index=0, process_count=1, num_batches, batch_size=None)
+                                            -> DatasetIterator
 
 Prepare (token shards from text / jsonl / parquet files or a TFDS dataset, or a TFDS dataset) from the
 command line with `python -m hyperconn_jax.data.prepare` (see prepare.py).
 """
 
+from hyperconn_jax import config_lib
 from hyperconn_jax import models
 from hyperconn_jax.data import images
 from hyperconn_jax.data import pipeline
@@ -46,11 +48,13 @@ def make_train_iterator(config, *, process_index: int = 0, process_count: int = 
 
 
 def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1,
-                       num_batches: int):
-  """A fresh iterator over the eval split (see pipeline / images)."""
+                       num_batches: int, batch_size: int | None = None):
+  """A fresh iterator over the eval split (see pipeline / images) in global batches of
+  `batch_size` rows (default config_lib.eval_batch_size(config)); this process's rows only."""
   module = images if _images(config) else pipeline
-  return module.make_eval_iterator(config, process_index=process_index,
-                                   process_count=process_count, num_batches=num_batches)
+  return module.make_eval_iterator(
+      config, process_index=process_index, process_count=process_count, num_batches=num_batches,
+      batch_size=config_lib.eval_batch_size(config) if batch_size is None else batch_size)
 
 
 __all__ = ['Tokenizer', 'ensure_prepared', 'get_tokenizer', 'make_eval_iterator',
