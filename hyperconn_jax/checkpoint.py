@@ -54,7 +54,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp_lib
 
 from hyperconn_jax import sharding
 from hyperconn_jax.data import iterator_state
-from hyperconn_jax.paths import as_path, is_remote
+from hyperconn_jax.paths import as_path, copy_tree, is_remote
 
 PyTree = Any
 _METRIC = 'eval_loss'
@@ -331,11 +331,7 @@ def _move_directory(source: epath.Path, target: epath.Path) -> None:
   if not is_remote(source):
     os.rename(source, target)
     return
-  for path in sorted(source.rglob('*')):
-    if path.is_file():
-      destination = target / path.relative_to(source)
-      destination.parent.mkdir(parents=True, exist_ok=True)
-      path.copy(destination)
+  copy_tree(source, target)
   source.rmtree()
 
 

@@ -16,3 +16,25 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   if is_remote(path):
     return epath.Path(path)
   return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def files_under(directory: epath.Path) -> list[epath.Path]:
+  """Every file below `directory` (recursively), sorted; epath's glob refuses '**' on buckets."""
+  def bare(path) -> str:  # gcsfs's walk gives 'bucket/dir', without the 'gs://'.
+    return os.fspath(path).split('://', 1)[-1].rstrip('/')
+  top = bare(directory)
+  found = []
+  for root, _, names in directory.walk():
+    relative = os.path.relpath(bare(root), top)
+    found += [directory / name if relative == '.' else directory / relative / name
+              for name in names]
+  return sorted(found)
+
+
+def copy_tree(source: epath.Path, target: epath.Path, *, last=lambda path: False) -> None:
+  """Copies every file below `source` to the same place below `target` (buckets included; the
+  files for which `last(path)` holds are copied after all others)."""
+  for path in sorted(files_under(source), key=last):
+    destination = target / path.relative_to(source)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    path.copy(destination, overwrite=True)

@@ -116,12 +116,7 @@ def _prepare_and_upload(dataset_builder: tfds.core.DatasetBuilder) -> None:
     prepare(local)
     source, target = epath.Path(local.data_dir), epath.Path(dataset_builder.data_dir)
     logging.info('Copying the prepared %s to %s.', local.info.full_name, target)
-    files = sorted((p for p in source.rglob('*') if p.is_file()),
-                   key=lambda p: (p.suffix == '.json', os.fspath(p)))
-    for path in files:
-      destination = target / path.relative_to(source)
-      destination.parent.mkdir(parents=True, exist_ok=True)
-      path.copy(destination, overwrite=True)
+    paths.copy_tree(source, target, last=lambda p: p.suffix == '.json')
 
 
 def ensure_prepared(config) -> None:
