@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import helpers
-from hyperconn_jax import checkpoint, data, rundir, train_lib
+from hyperconn_jax import checkpoint, config_lib, data, evaluation, rundir, sharding, train_lib
 
 NUM_STEPS = 30
 
@@ -229,3 +229,33 @@ def test_config_errors_before_compile(corpus, tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message.replace('.', r'\.')):
     train_lib.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
+
+
+def test_eval_batch_size_is_its_own(corpus):
+  """Evaluation runs in train.eval_batch_size batches (default: the training microbatch), not
+  in training batches; the whole-split metrics do not depend on it."""
+  results = {}
+  for accum, eval_batch_size, expected_rows in ((2, 0, 4), (1, 0, 8), (1, 2, 2)):
+    config = helpers.tiny_config(*corpus, eval_batches=0, eval_batch_size=eval_batch_size)
+    with config.unlocked():
+      config.optim.grad_accum_steps = accum
+    data.ensure_prepared(config)
+    first = next(data.make_eval_iterator(config, num_batches=0))
+    assert first['inputs'].shape == (expected_rows, config.data.seq_len)
+    rules = sharding.logical_rules(config.mesh)
+    with config.unlocked():
+      config.mesh.shape = (1, 2, 1)  # Any eval batch here (2, 4, 8) divides over 2 devices.
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:2])
+    with sharding.activate(mesh, rules):
+      setup = train_lib.make_setup(config, mesh, rules)
+      state = train_lib.init_state(config, setup)
+      evaluator = evaluation.Evaluator(config, setup.graphdef,
+                                       {'params': setup.state_shardings.params,
+                                        'rest': setup.state_shardings.rest},
+                                       setup.batch_sharding)
+      results[expected_rows] = evaluator({'params': state.params, 'rest': state.rest})
+  assert results[4]['eval_tokens'] == results[8]['eval_tokens'] == results[2]['eval_tokens']
+  np.testing.assert_allclose(results[4]['eval_loss'], results[8]['eval_loss'], rtol=1e-5)
+  np.testing.assert_allclose(results[2]['eval_loss'], results[8]['eval_loss'], rtol=1e-5)
+  with pytest.raises(ValueError, match=r'train\.eval_batch_size'):
+    config_lib.validate(helpers.tiny_config(*corpus, eval_batch_size=-1))
