@@ -9,9 +9,6 @@ onto a mesh over the devices of this machine, whatever mesh the run was trained 
 and writes WORKDIR/eval_<step>.json.
 """
 
-import json
-import os
-
 from absl import app
 from absl import flags
 from absl import logging
@@ -26,8 +23,9 @@ _STEP = flags.DEFINE_string('step', 'latest', "Checkpoint: 'latest', 'best' or a
 _EVAL_BATCHES = flags.DEFINE_integer(
     'eval_batches', None, 'Batches to evaluate (default: the run\'s train.eval_batches; '
     '<= 0: the whole validation split).')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', None,
-                                   "Global eval batch size (default: the run's train.batch_size).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    'batch_size', None, "Global eval batch size (default: the run's train.eval_batch_size, or its "
+    'training microbatch if 0).')
 _MESH_SHAPE = flags.DEFINE_string(
     'mesh_shape', '', "Mesh shape, e.g. '1,-1,1' (default: the run's, if it fits this machine's "
     'devices, else the default of configs/base.py).')
@@ -42,12 +40,12 @@ def load_config(workdir: str, *, eval_batches: int | None = None, batch_size: in
   """The run's config from WORKDIR/config.json with the eval overrides applied (locked)."""
   import jax  # pylint: disable=g-import-not-at-top
   from configs import base  # pylint: disable=g-import-not-at-top
-  from hyperconn_jax import config_lib, train_lib  # pylint: disable=g-import-not-at-top
-  config = train_lib.load_run_config(workdir)
+  from hyperconn_jax import config_lib, rundir  # pylint: disable=g-import-not-at-top
+  config = rundir.load_run_config(workdir)
   if eval_batches is not None:
     config.train.eval_batches = eval_batches
   if batch_size is not None:
-    config.train.batch_size = batch_size
+    config.train.eval_batch_size = batch_size
   if data_dir is not None:
     config.data.data_dir = data_dir
   if mesh_shape is not None:
@@ -77,31 +75,23 @@ def evaluate_checkpoint(workdir: str, step: str = 'latest', **overrides) -> dict
     LM metrics); also written to WORKDIR/eval_<step>.json by process 0.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from hyperconn_jax import (checkpoint, config_lib, data, evaluation, sharding,  # pylint: disable=g-import-not-at-top
-                             tasks, train_lib)
+  from hyperconn_jax import (config_lib, data, evaluation, rundir, sharding,  # pylint: disable=g-import-not-at-top
+                             tasks)
   with cli.usage_errors():
     config = load_config(workdir, **overrides)
     config_lib.validate(config)
     config_lib.validate_mesh_for_devices(config, jax.device_count())
   data.ensure_prepared(config)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
-  try:
-    with cli.usage_errors():
-      checkpoint_step = ckpt.resolve_step(step)
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config.mesh)
-    with sharding.activate(mesh, rules):
-      graphdef, abstract, _ = train_lib.abstract_model_state(config.model, mesh, rules)
-      model = ckpt.restore(checkpoint_step, model=abstract)['model']
-      evaluator = evaluation.Evaluator(config, graphdef, jax.tree.map(lambda x: x.sharding, abstract),
-                                       tasks.batch_sharding(config, mesh, rules))
-      result = evaluator(model)
-  finally:
-    ckpt.close()
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
+  graphdef, model, checkpoint_step = rundir.restore_model(workdir, config, step, mesh, rules)
+  with sharding.activate(mesh, rules):
+    evaluator = evaluation.Evaluator(config, graphdef, jax.tree.map(lambda x: x.sharding, model),
+                                     tasks.batch_sharding(config, mesh, rules))
+    result = evaluator(model)
   result = {'step': checkpoint_step, **result, 'eval_batches': config.train.eval_batches}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'eval_{checkpoint_step}.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    rundir.write_eval_result(workdir, checkpoint_step, result)
   return result
 
 

@@ -222,6 +222,9 @@ def get_config() -> ml_collections.ConfigDict:
       log_every=10,
       eval_every=200,
       eval_batches=20,
+      # Global rows of each eval batch (eval_batches counts these); 0: the training microbatch,
+      # train.batch_size / optim.grad_accum_steps.
+      eval_batch_size=0,
       checkpoint_every=200,
       # Persistent XLA compilation cache (a directory or gs:// URL, shared by runs and restarts:
       # a resumed or repeated run skips compiling); '' is off.
@@ -234,8 +237,12 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
+      # Retention: the latest keep_latest steps, the keep_best steps with the lowest eval_loss
+      # and, if keep_every > 0, every step that is a multiple of keep_every (a multiple of
+      # train.checkpoint_every).
       keep_latest=2,
       keep_best=1,
+      keep_every=0,
       async_save=True,
   ))
 

@@ -10,10 +10,16 @@ plus orbax's _CHECKPOINT_METADATA (with the step's metrics) and commit marker. S
 a temporary directory and renamed when complete, so a step interrupted half-way is never listed;
 unfinished temporary directories are removed when the manager opens.
 
-Retention: the latest `checkpoint.keep_latest` steps plus the `checkpoint.keep_best` steps with
-the lowest eval_loss (steps saved without metrics are ranked by LatestN only). `best_fn` is set as
-well as the BestN policy, because orbax persists metrics only when best_fn is set, and the ranking
-must survive restarts.
+WORKDIR may be any etils.epath URL: orbax (tensorstore) writes the arrays straight to a bucket.
+On a local disk a step is written to a temporary directory and renamed when complete; on an object
+store (no atomic rename) it is written in place and only the commit marker, written last, makes it
+a finished step; orbax lists no step without one.
+
+Retention: the latest `checkpoint.keep_latest` steps, the `checkpoint.keep_best` steps with the
+lowest eval_loss (steps saved without metrics are ranked by LatestN only), and with
+`checkpoint.keep_every` = K > 0 every step that is a multiple of K (for evaluations along a long
+run). `best_fn` is set as well as the BestN policy, because orbax persists metrics only when
+best_fn is set, and the ranking must survive restarts.
 
 Restores take abstract targets (jax.ShapeDtypeStruct with shardings), so a checkpoint written on
 one mesh restores onto any other mesh or device count. The data iterator state is saved per
@@ -26,7 +32,10 @@ Damaged steps: `restore_latest` checks each step, newest first, for its commit m
 (commit_success.txt), orbax's _CHECKPOINT_METADATA and every item directory, then restores it.
 When an older step restores, each newer step that failed (a missing, deleted or truncated file)
 is logged as a warning naming it and moved aside to CHECKPOINTS/<step>.damaged (kept for
-inspection, never deleted; orbax ignores the name, and training can save that step again).
+inspection; orbax ignores the name, and training can save that step again). On a local disk that
+is one rename; on an object store every object is copied to <step>.damaged first and the step is
+deleted only after the copy is complete, so an interrupted move loses nothing (the next start
+finds the step damaged again and copies it to <step>.damaged-2).
 """
 
 import json
@@ -34,6 +43,8 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
+from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -41,7 +52,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp_lib
 
+from hyperconn_jax import models
 from hyperconn_jax.data import iterator_state
+from hyperconn_jax.paths import as_path, copy_tree, is_remote
 
 PyTree = Any
 _METRIC = 'eval_loss'
@@ -49,6 +62,7 @@ ITEMS = ('model', 'opt_state', 'data_iter', 'config', 'meta')
 _COMMIT_MARKER = 'commit_success.txt'
 _STEP_METADATA = '_CHECKPOINT_METADATA'
 DAMAGED_SUFFIX = '.damaged'
+DIRECTORY = 'checkpoints'  # Under the workdir.
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -59,27 +73,14 @@ def _eval_loss(metrics: dict[str, float]) -> float:
   return metrics[_METRIC]
 
 
-def ensure_writable(workdir: str) -> None:
-  """Creates WORKDIR/checkpoints and writes (and removes) a probe file in it.
-
-  Raises:
-    ValueError naming the path if it cannot be created or written (run this before compiling), or
-    if it is a URL: the run's metrics and config are written with local file I/O, so a bucket
-    must be mounted (e.g. gcsfuse) and given as a local path.
-  """
-  if '://' in workdir:
-    raise ValueError(f'workdir={workdir!r}: remote URLs are not supported; mount the bucket '
-                     '(e.g. with gcsfuse) and pass the local path.')
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  probe = os.path.join(directory, f'.write_probe_{jax.process_index()}_{os.getpid()}')
-  try:
-    os.makedirs(directory, exist_ok=True)
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(f'workdir={workdir!r} is not writable ({type(e).__name__}: {e}); training '
-                     'writes its checkpoints and metrics there.') from e
+def abstract_model_state(model_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
+                         ) -> tuple[nnx.GraphDef, PyTree, nnx.State]:
+  """The model's graphdef, its abstract pure state {'params', 'rest'} (ShapeDtypeStructs with
+  shardings on `mesh`: the restore target of the 'model' item) and the typed abstract parameters
+  (for the decay mask)."""
+  graphdef, abstract_state = models.abstract_model(model_config, mesh, rules)
+  typed_params, typed_rest = nnx.split_state(abstract_state, nnx.Param, ...)
+  return graphdef, {'params': nnx.as_pure(typed_params), 'rest': nnx.as_pure(typed_rest)}, typed_params
 
 
 class Checkpointer:
@@ -91,11 +92,14 @@ class Checkpointer:
 
     Args:
       workdir: the run's working directory.
-      checkpoint_config: config.checkpoint (keep_latest, keep_best, async_save).
+      workdir: the run's working directory (a local path or an epath URL such as gs://...).
+      checkpoint_config: config.checkpoint (keep_latest, keep_best, keep_every, async_save).
       read_only: open an existing directory without creating, saving or deleting anything (eval).
     """
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = as_path(workdir) / DIRECTORY
     policies = [pp_lib.LatestN(checkpoint_config.keep_latest)]
+    if checkpoint_config.keep_every > 0:
+      policies.append(pp_lib.EveryNSteps(interval_steps=checkpoint_config.keep_every))
     if checkpoint_config.keep_best > 0:
       policies.append(pp_lib.BestN(get_metric_fn=_eval_loss, reverse=True,
                                    n=checkpoint_config.keep_best,
@@ -170,8 +174,8 @@ class Checkpointer:
         meta=ocp.args.JsonSave(dict(meta, step=step)))
     self._manager.save(step, args=args, metrics=metrics, force=True)
 
-  def step_directory(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def step_directory(self, step: int) -> epath.Path:
+    return self.directory / str(step)
 
   def check_step(self, step: int) -> str | None:
     """What makes `step` incomplete (a missing marker, metadata file or item), or None.
@@ -179,14 +183,13 @@ class Checkpointer:
     Reads no arrays: a truncated or deleted array file is only found by restoring.
     """
     path = self.step_directory(step)
-    if not os.path.isfile(os.path.join(path, _COMMIT_MARKER)):
+    if not (path / _COMMIT_MARKER).is_file():
       return f'no commit marker {_COMMIT_MARKER} (the save did not finish)'
     try:
-      with open(os.path.join(path, _STEP_METADATA)) as f:
-        json.load(f)
+      json.loads((path / _STEP_METADATA).read_text())
     except (OSError, ValueError) as e:
       return f'unreadable {_STEP_METADATA} ({type(e).__name__}: {e})'
-    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(path, item))]
+    missing = [item for item in ITEMS if not (path / item).is_dir()]
     if missing:
       return f'missing items {missing}'
     return None
@@ -223,7 +226,7 @@ class Checkpointer:
           reason = _first_line(f'unreadable meta item ({type(e).__name__}: {e})')
       if (reason is None and data_iter is not None and written_by is not None and
           written_by != jax.process_count() and not iterator_state.restorable(
-              os.path.join(self.step_directory(step), 'data_iter'), data_iter)):
+              self.step_directory(step) / 'data_iter', data_iter)):
         raise ValueError(
             f'checkpoint step {step} in {self.directory} was written by {written_by} processes, '
             f'but this run has {jax.process_count()}: its data iterator state cannot be '
@@ -258,16 +261,16 @@ class Checkpointer:
           'damaged, move those step directories away to start from scratch.')
     return None
 
-  def _set_aside(self, step: int) -> str:
-    """Renames the step directory to <step>.damaged[-k] (process 0; all processes wait)."""
+  def _set_aside(self, step: int) -> epath.Path:
+    """Moves the step directory to <step>.damaged[-k] (process 0; all processes wait)."""
     source = self.step_directory(step)
-    target = source + DAMAGED_SUFFIX
+    target = source.parent / f'{source.name}{DAMAGED_SUFFIX}'
     k = 1
-    while os.path.exists(target):
+    while target.exists():
       k += 1
-      target = f'{source}{DAMAGED_SUFFIX}-{k}'
+      target = source.parent / f'{source.name}{DAMAGED_SUFFIX}-{k}'
     if jax.process_index() == 0:
-      os.rename(source, target)
+      _move_directory(source, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'hyperconn_jax_set_aside_{step}')
     self._manager.reload()
@@ -299,7 +302,7 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types for damaged files.
       raise DamagedCheckpointError(
-          f'cannot restore checkpoint step {step} from {os.path.join(self.directory, str(step))} '
+          f'cannot restore checkpoint step {step} from {self.step_directory(step)} '
           f'({type(e).__name__}: {e}). If it is damaged, move that directory away to use an '
           f'earlier step (available: {self.all_steps()}).') from e
     return {k: restored[k] for k in items if k != 'data_iter'}
@@ -320,6 +323,16 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
     logging.info('Checkpoint manager closed (%s).', self.directory)
+
+
+def _move_directory(source: epath.Path, target: epath.Path) -> None:
+  """Moves a directory: one rename on a local disk; on an object store (no rename of
+  directories) a copy of every object, then the deletion of the source."""
+  if not is_remote(source):
+    os.rename(source, target)
+    return
+  copy_tree(source, target)
+  source.rmtree()
 
 
 def _all_processes_agree(ok: bool) -> bool:

@@ -111,10 +111,17 @@ def _validate_train(config) -> None:
   if config.data.num_shards > 0:
     _check(t.batch_size % config.data.num_shards == 0, 'train.batch_size', t.batch_size,
            f'must be divisible by data.num_shards={config.data.num_shards}')
+  _check(_is_int(t.eval_batch_size) and t.eval_batch_size >= 0, 'train.eval_batch_size',
+         t.eval_batch_size, 'must be an integer >= 0 (0: train.batch_size / '
+         'optim.grad_accum_steps)')
   c = config.checkpoint
   _positive_int('checkpoint.keep_latest', c.keep_latest)
   _check(_is_int(c.keep_best) and c.keep_best >= 0, 'checkpoint.keep_best', c.keep_best,
          'must be an integer >= 0')
+  _check(_is_int(c.keep_every) and c.keep_every >= 0 and c.keep_every % t.checkpoint_every == 0,
+         'checkpoint.keep_every', c.keep_every,
+         f'must be 0 (off) or a multiple of train.checkpoint_every={t.checkpoint_every} (only '
+         'saved steps can be kept)')
 
 
 def _validate_mesh(m) -> None:
@@ -145,6 +152,9 @@ def validate_mesh_for_devices(config, num_devices: int) -> None:
   _check(micro % shards == 0, 'train.batch_size', config.train.batch_size,
          f'the micro-batch (batch_size / optim.grad_accum_steps = {micro}) must be divisible by '
          f'the {shards} shards of the batch mesh axes {tuple(batch_axes)}')
+  _check(data.eval_batch_size(config) % shards == 0, 'train.eval_batch_size',
+         config.train.eval_batch_size, f'the eval batch ({data.eval_batch_size(config)} rows) must be '
+         f'divisible by the {shards} shards of the batch mesh axes {tuple(batch_axes)}')
 
 
 def validate_step(config) -> None:

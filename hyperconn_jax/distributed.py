@@ -1,6 +1,12 @@
 """Multi-process start-up: jax.distributed.initialize() when (and only when) launched multi-process.
 
 Called first thing by train.py / eval.py; never by library code or tests.
+
+`cluster_environment` decides from the same signals JAX's cluster detectors (jax._src.clusters)
+use, so `jax.distributed.initialize()` without arguments then finds the coordinator, the process
+count and this process's index itself. A plain machine is never asked for cloud metadata: the
+metadata server is only queried when TPU chips are attached over PCI (a Cloud TPU VM), which is
+also where JAX's own GCE TPU detector queries it.
 """
 
 import os
@@ -9,34 +15,78 @@ from typing import Callable
 from absl import flags
 from absl import logging
 import jax
+from jax._src import hardware_utils  # What JAX itself uses to find TPU chips on PCI.
+from jax._src.clusters import cloud_tpu_cluster
 
 
-def _env_int(name: str) -> int:
+def _env_int(name: str, default: int = 1) -> int:
   try:
-    return int(os.environ.get(name, '1').split('(')[0])
+    return int(os.environ.get(name, str(default)).split('(')[0])
   except ValueError:
-    return 1
+    return default
+
+
+def _num_hosts(names: str) -> int:
+  return len([h for h in names.split(',') if h.strip()])
+
+
+def _tpu_vm_hosts() -> int:
+  """Hosts of this Cloud TPU VM slice times its slices (metadata server), or 0 off a TPU VM.
+
+  The metadata's 'worker-network-endpoints' lists the slice's hosts (what JAX's GceTpuCluster
+  reads); 'tpu-env' holds MEGASCALE_NUM_SLICES for multislice.
+  """
+  if os.environ.get('TPU_SKIP_MDS_QUERY') is not None:
+    return 0
+  num_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  if num_chips == 0:
+    return 0
+  endpoints, code = cloud_tpu_cluster.get_metadata('worker-network-endpoints')
+  hosts = _num_hosts(endpoints) if code == cloud_tpu_cluster.metadata_response_code_success else 1
+  slices = cloud_tpu_cluster.get_tpu_env_value('MEGASCALE_NUM_SLICES')
+  return max(hosts, 1) * (int(slices) if slices and slices.isdigit() else 1)
 
 
 def cluster_environment() -> str | None:
   """The multi-process launcher this process runs under, or None for a single process.
 
-  Recognised: JAX_COORDINATOR_ADDRESS (set by hand), a multi-host Cloud TPU slice
-  (TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES with more than one host, or a multislice
-  MEGASCALE_COORDINATOR_ADDRESS), SLURM with more than one task, Open MPI with more than one rank.
-  JAX detects the coordinator, process count and index itself in all of these.
+  Recognised, each only with more than one process:
+    JAX_COORDINATOR_ADDRESS (set by hand; JAX reads it),
+    a Cloud TPU slice on GKE (TPU_PROCESS_ADDRESSES / TPU_WORKER_HOSTNAMES) or any multislice
+      (MEGASCALE_COORDINATOR_ADDRESS),
+    a Cloud TPU VM slice launched with `gcloud ... ssh --worker=all` (no environment variables:
+      the slice's hosts come from the metadata server, queried only when TPU chips are attached),
+    SLURM (the variables JAX's SlurmCluster reads, SLURM_NTASKS > 1),
+    Open MPI's mpirun (OMPI_MCA_orte_hnp_uri, OMPI_COMM_WORLD_SIZE > 1),
+    a Kubernetes indexed Job (KUBERNETES_SERVICE_HOST, JOB_COMPLETION_INDEX, and the
+      `kubernetes` package JAX's K8sCluster needs).
+  mpi4py is opt-in in JAX (jax.distributed.initialize(spec_detection_method='mpi4py')) and
+  not detected; pass the explicit flags instead.
   """
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
     return 'JAX_COORDINATOR_ADDRESS'
   for name in ('TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES'):
-    if len([h for h in os.environ.get(name, '').split(',') if h.strip()]) > 1:
-      return f'Cloud TPU ({name})'
+    if _num_hosts(os.environ.get(name, '')) > 1:
+      return f'Cloud TPU on GKE ({name})'
   if os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
     return 'Cloud TPU multislice'
-  if 'SLURM_JOB_ID' in os.environ and _env_int('SLURM_NTASKS') > 1:
+  if (all(name in os.environ for name in ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS',
+                                          'SLURM_PROCID', 'SLURM_LOCALID'))
+      and _env_int('SLURM_NTASKS') > 1):
     return 'SLURM'
-  if _env_int('OMPI_COMM_WORLD_SIZE') > 1:
+  if 'OMPI_MCA_orte_hnp_uri' in os.environ and _env_int('OMPI_COMM_WORLD_SIZE') > 1:
     return 'Open MPI'
+  if 'KUBERNETES_SERVICE_HOST' in os.environ and 'JOB_COMPLETION_INDEX' in os.environ:
+    try:
+      import kubernetes  # pylint: disable=g-import-not-at-top,unused-import  (optional: jax[k8s])
+    except ImportError:
+      logging.warning('Kubernetes indexed Job without the `kubernetes` package: JAX cannot '
+                      'detect the other processes (pip install jax[k8s], or pass '
+                      '--coordinator_address/--num_processes/--process_id); running alone.')
+    else:
+      return 'Kubernetes indexed Job'
+  if _tpu_vm_hosts() > 1:
+    return 'Cloud TPU VM slice (metadata server)'
   return None
 
 

@@ -35,7 +35,9 @@ class Evaluator:
     """Builds the jitted eval step.
 
     Args:
-      config: the full config (data, model.dtype, train.batch_size, train.eval_batches).
+      config: the full config (data, model.dtype, train.eval_batches, the eval batch size
+        config_lib.eval_batch_size: evaluation runs in its own batches, whatever the training
+        batch and its gradient accumulation).
       graphdef: the model's graphdef (from nnx.split(model, nnx.Param, ...)).
       model_shardings: shardings of {'params': ..., 'rest': ...}.
       batch_sharding: sharding of [B, L] batches.

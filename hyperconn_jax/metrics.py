@@ -1,6 +1,7 @@
 """Run outputs on process 0: metrics.jsonl, TensorBoard events, a progress bar, the run's facts.
 
-TensorBoard files are written with tensorboardX (no TensorFlow needed) to WORKDIR/tensorboard.
+TensorBoard files are written with tensorboardX (no TensorFlow needed) to WORKDIR/tensorboard; the
+files themselves and the workdir (local or a bucket) are rundir.py's.
 On processes other than 0 every writer is a no-op, so callers never branch on the process index.
 """
 
@@ -16,11 +17,8 @@ from absl import logging
 import jax
 import tqdm
 
-METRICS_FILE = 'metrics.jsonl'
-CONFIG_FILE = 'config.json'
-RUN_FACTS_FILE = 'run.json'
-TENSORBOARD_DIR = 'tensorboard'
-
+from hyperconn_jax import paths
+from hyperconn_jax import rundir
 
 def _jsonable(value: Any) -> Any:
   """Python scalars from numpy / jax scalars (JSON cannot hold numpy types)."""
@@ -28,51 +26,57 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricWriter:
-  """Writes scalar rows to WORKDIR/metrics.jsonl and TensorBoard (process 0 only)."""
+  """Writes scalar rows to WORKDIR/metrics.jsonl and TensorBoard (process 0 only).
+
+  On a bucket both are buffered (rundir.MetricsLog): they are written out at most every
+  rundir.FLUSH_SECONDS, on `flush()` (each checkpoint) and on `close()`.
+  """
 
   def __init__(self, workdir: str, *, enabled: bool, resume_step: int | None = None):
     """Opens the writers.
 
     Args:
-      workdir: the run's working directory.
+      workdir: the run's working directory (a local path or an epath URL).
       enabled: True on process 0; other processes write nothing.
       resume_step: when resuming from a checkpoint at this step, rows logged after it by the
         interrupted run are dropped from metrics.jsonl (they are about to be recomputed), so each
         step appears once.
     """
     self.enabled = enabled
-    self._jsonl = None
+    self._log = None
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, METRICS_FILE)
-    if resume_step is not None and os.path.exists(path):
-      with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
-      with open(path, 'w') as f:
-        f.writelines(rows)
-    self._jsonl = open(path, 'a')
+    self._log = rundir.MetricsLog(workdir, resume_step)
     import tensorboardX  # pylint: disable=g-import-not-at-top  (only process 0 needs it)
-    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
-                                          purge_step=None if resume_step is None
-                                          else resume_step + 1)
+    # tensorboardX writes gs:// itself (google-cloud-storage), re-uploading the whole event file
+    # on every flush: flushed with the metrics log (and by its own timer at the same interval),
+    # not after every row.
+    self._tb = tensorboardX.SummaryWriter(
+        os.fspath(paths.as_path(workdir) / rundir.TENSORBOARD_DIR),
+        flush_secs=int(rundir.FLUSH_SECONDS),
+        purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     """Writes one row {'step': step, **scalars}; each scalar also becomes a TensorBoard tag."""
     if not self.enabled:
       return
     row = {'step': int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(row) + '\n')
-    self._jsonl.flush()
     for name, value in row.items():
       if name != 'step':
         self._tb.add_scalar(name, value, global_step=int(step))
-    self._tb.flush()
+    if self._log.write(row):
+      self._tb.flush()
+
+  def flush(self) -> None:
+    """Writes out everything buffered."""
+    if self.enabled:
+      self._log.flush()
+      self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      self._log.close()
       self._tb.close()
 
 
@@ -159,11 +163,7 @@ def log_run_start(workdir: str, config_json: dict[str, Any], facts: dict[str, An
   logging.info('Config:\n%s', json.dumps(config_json, indent=2))
   logging.info('Run: %s', json.dumps(facts))
   if enabled:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-      json.dump(config_json, f, indent=2)
-    with open(os.path.join(workdir, RUN_FACTS_FILE), 'w') as f:
-      json.dump(facts, f, indent=2)
+    rundir.write_run_start(workdir, config_json, facts)
 
 
 class _DropInfoFrom(std_logging.Filter):

@@ -40,6 +40,8 @@ from typing import Any, Callable
 
 from configs import paper
 from hyperconn_jax import cli, config_lib
+from hyperconn_jax import paths
+from hyperconn_jax import rundir
 from hyperconn_jax.data import builders
 
 RUN_FILE = 'sweep_run.json'
@@ -179,22 +181,15 @@ def command(run: Run) -> str:
   return shlex.join(train_args(run))
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The rows of WORKDIR/metrics.jsonl ([] if absent)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def num_steps(workdir: str) -> int | None:
   """train.num_steps of the run in `workdir` (None before it wrote config.json)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)['train']['num_steps']
+  saved = _saved_config(workdir)
+  return None if saved is None else saved['train']['num_steps']
+
+
+def _saved_config(workdir: str) -> dict[str, Any] | None:
+  path = paths.as_path(workdir) / rundir.CONFIG_FILE
+  return rundir.read_json(path) if path.exists() else None
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -210,11 +205,10 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 def config_mismatch(workdir: str, config) -> list[str]:
   """The config fields whose value in WORKDIR/config.json differs from `config` ('a.b: saved ->
   planned'); [] when they agree or the run has not started."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  saved = _saved_config(workdir)
+  if saved is None:
     return []
-  with open(path) as f:
-    saved = _flatten(json.load(f))
+  saved = _flatten(saved)
   planned = _flatten(json.loads(config.to_json()))
   return [f'{key}: {saved.get(key, "(absent)")!r} -> {planned.get(key, "(absent)")!r}'
           for key in sorted(set(saved) | set(planned)) if saved.get(key) != planned.get(key)]
@@ -224,7 +218,7 @@ def is_finished(workdir: str) -> bool:
   """True when the run evaluated at its last step (train.num_steps)."""
   last = num_steps(workdir)
   return last is not None and any(r['step'] == last and 'eval_loss' in r
-                                  for r in read_metrics(workdir))
+                                  for r in rundir.read_metrics(workdir))
 
 
 def _record_wall_time(run: Run, wall_s: float) -> None:

@@ -15,8 +15,6 @@ after update t's loss, gradient norm and parameter norm were seen to be finite.
 
 import dataclasses
 import functools
-import json
-import os
 import signal
 from typing import Any
 
@@ -32,7 +30,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hyperconn_jax import checkpoint
 from hyperconn_jax import config_lib
-from hyperconn_jax import connections
 from hyperconn_jax import data
 from hyperconn_jax import devices as devices_lib
 from hyperconn_jax import evaluation
@@ -40,7 +37,9 @@ from hyperconn_jax import flops as flops_lib
 from hyperconn_jax import metrics as metrics_lib
 from hyperconn_jax import models
 from hyperconn_jax import optim
+from hyperconn_jax import paths
 from hyperconn_jax import profiler
+from hyperconn_jax import rundir
 from hyperconn_jax import sharding
 from hyperconn_jax import tasks
 
@@ -58,58 +57,6 @@ class TrainState:
 
 class NonFiniteError(FloatingPointError):
   """The loss, gradient norm or parameters became NaN / Inf."""
-
-
-# ----------------------------------------------------------------------------- config <-> JSON
-
-
-def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as a JSON-able dict (tuples become lists)."""
-  return json.loads(config.to_json())
-
-
-def config_from_json(config_json: dict[str, Any]) -> ml_collections.ConfigDict:
-  """Inverse of config_to_json: lists become tuples again (configs hold tuples, never lists)."""
-  def tuples(x):
-    if isinstance(x, dict):
-      return {k: tuples(v) for k, v in x.items()}
-    if isinstance(x, list):
-      return tuple(tuples(v) for v in x)
-    return x
-  return ml_collections.ConfigDict(tuples(config_json))
-
-
-def _merge(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict) -> None:
-  """Overwrites `config`'s fields (recursively) with those of `saved`, adding unknown ones."""
-  for key, value in saved.items():
-    if (isinstance(value, ml_collections.ConfigDict) and key in config
-        and isinstance(config[key], ml_collections.ConfigDict)):
-      _merge(config[key], value)
-    else:
-      config[key] = value
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (WORKDIR/config.json), unlocked.
-
-  Fields added to configs/base.py after the run was trained take their defaults, so older runs
-  stay loadable.
-  """
-  from configs import base  # pylint: disable=g-import-not-at-top  (configs import the library)
-  path = os.path.join(workdir, metrics_lib.CONFIG_FILE)
-  if not os.path.exists(path):
-    raise ValueError(f'--workdir={workdir}: no {metrics_lib.CONFIG_FILE} (is it a training run '
-                     'directory?)')
-  with open(path) as f:
-    saved_json = json.load(f)
-  # Runs written before the per-kind connection sub-configs hold a flat model.connection.
-  model_json = saved_json.get('model', {})
-  if 'connection' in model_json:
-    model_json['connection'] = connections.migrate(model_json['connection'])
-  saved = config_from_json(saved_json)
-  config = base.get_config()
-  _merge(config, saved)
-  return config
 
 
 # ----------------------------------------------------------------------------- state and shardings
@@ -147,18 +94,10 @@ def _path_suffix_shardings(abstract_opt_state: PyTree, abstract_params: PyTree,
   return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def abstract_model_state(model_config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules
-                         ) -> tuple[nnx.GraphDef, PyTree, nnx.State]:
-  """The model's graphdef, its abstract pure state {'params', 'rest'} (ShapeDtypeStructs with
-  shardings on `mesh`: a restore target) and the typed abstract parameters (for the decay mask)."""
-  graphdef, abstract_state = models.abstract_model(model_config, mesh, rules)
-  typed_params, typed_rest = nnx.split_state(abstract_state, nnx.Param, ...)
-  return graphdef, {'params': nnx.as_pure(typed_params), 'rest': nnx.as_pure(typed_rest)}, typed_params
-
-
 def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Setup:
   """Builds the abstract model, optimizer and all shardings (allocates no parameters)."""
-  graphdef, abstract_model, typed_params = abstract_model_state(config.model, mesh, rules)
+  graphdef, abstract_model, typed_params = checkpoint.abstract_model_state(
+      config.model, mesh, rules)
   schedule = optim.make_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps,
                             optim.decay_mask(typed_params, config.optim.decay_embeddings))
@@ -336,20 +275,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Args:
     config: the full (locked) config.
-    workdir: output directory: checkpoints/, metrics.jsonl, tensorboard/, config.json.
+    workdir: output directory (a local path or an epath URL such as gs://BUCKET/run; see
+      rundir.py): checkpoints/, metrics.jsonl, tensorboard/, config.json, run.json.
 
   Returns:
     {'step': last step, plus the last training metrics and the last eval metrics (if any)}.
 
   Raises:
-    ValueError: a bad config or a workdir that cannot be written (before anything is compiled),
-      or checkpoints written by another number of processes.
+    ValueError: a bad config, a workdir that cannot be written or (multi-process) is not shared
+      by every process (all before anything is compiled), or checkpoints written by another
+      number of processes.
     NonFiniteError: NaN / Inf loss, gradient or parameters (the message names the step).
     checkpoint.DamagedCheckpointError: the workdir has checkpoints but none can be restored.
   """
   config_lib.validate(config)
   config_lib.validate_mesh_for_devices(config, jax.device_count())
-  checkpoint.ensure_writable(workdir)
+  rundir.ensure_writable(workdir)
+  rundir.ensure_shared(workdir)
   if config.train.compilation_cache_dir:
     # Before the first compilation of the process: JAX decides once whether to use the cache.
     jax.config.update('jax_compilation_cache_dir', config.train.compilation_cache_dir)
@@ -357,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_chief = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
-  config_json = config_to_json(config)
+  config_json = rundir.config_to_json(config)
   facts = metrics_lib.run_facts(mesh)
   metrics_lib.log_run_start(workdir, config_json, facts, enabled=is_chief)
 
@@ -368,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  f'{_count(setup.abstract_model["rest"]):,}')
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     writer = progress = None
-    profile = profiler.ProfileWindow(os.path.join(workdir, PROFILE_DIR),
+    profile = profiler.ProfileWindow(str(paths.as_path(workdir) / PROFILE_DIR),
                                      start_step=config.train.profile_start_step,
                                      num_steps=config.train.profile_num_steps, enabled=is_chief)
     try:
@@ -463,7 +405,8 @@ def _loop(config, setup, state, start, train_iter, train_step, evaluator, ckpt, 
       last_eval = eval_metrics
     ckpt.save(step, model={'params': state.params, 'rest': state.rest},
               opt_state=state.opt_state, data_iter=train_iter,
-              config_json=config_to_json(config), meta=meta, metrics=eval_metrics)
+              config_json=rundir.config_to_json(config), meta=meta, metrics=eval_metrics)
+    writer.flush()  # The rows up to a checkpoint must be in the workdir before it can resume.
     if preempted:
       logging.warning('Stopping after step %d (preemption); checkpoint saved.', step)
       break

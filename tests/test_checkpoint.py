@@ -15,12 +15,12 @@ import pytest
 from flax import nnx
 
 import helpers
-from hyperconn_jax import checkpoint, evaluation, sharding, train_lib
+from hyperconn_jax import checkpoint, evaluation, rundir, sharding, train_lib
 
 
-def checkpoint_config(keep_latest=2, keep_best=1, async_save=True):
+def checkpoint_config(keep_latest=2, keep_best=1, keep_every=0, async_save=True):
   return ml_collections.ConfigDict(dict(keep_latest=keep_latest, keep_best=keep_best,
-                                        async_save=async_save))
+                                        keep_every=keep_every, async_save=async_save))
 
 
 def small_items(value):
@@ -71,6 +71,32 @@ def test_keep_latest_and_best_and_metrics_persist(tmp_path):
   reopened.close()
 
 
+def test_keep_every(tmp_path):
+  """Every 4th step is kept besides the latest 2 and the best 1, also across a restart."""
+  config = checkpoint_config(keep_latest=2, keep_best=1, keep_every=4)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config)
+  losses = {2: 1.0, 4: 3.0, 6: 2.0, 8: 4.0, 10: 5.0}
+  for step, loss in losses.items():
+    ckpt.save(step, **small_items(float(step)), metrics={'eval_loss': loss})
+  ckpt.wait()
+  # Multiples of 4: 4, 8; latest 2: 8, 10; best: 2 (1.0). 6 is none of them.
+  assert ckpt.all_steps() == [2, 4, 8, 10]
+  ckpt.close()
+  reopened = checkpoint.Checkpointer(str(tmp_path), config)
+  for step in (12, 14, 16):
+    reopened.save(step, **small_items(float(step)), metrics={'eval_loss': 9.0})
+  reopened.wait()
+  assert reopened.all_steps() == [2, 4, 8, 12, 14, 16]
+  reopened.close()
+  # Without keep_every the same saves keep only the latest 2 and the best.
+  plain = checkpoint.Checkpointer(str(tmp_path / 'plain'), checkpoint_config(keep_latest=2))
+  for step, loss in losses.items():
+    plain.save(step, **small_items(float(step)), metrics={'eval_loss': loss})
+  plain.wait()
+  assert plain.all_steps() == [2, 8, 10]
+  plain.close()
+
+
 def test_unfinished_and_damaged_steps(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), checkpoint_config(keep_latest=3, keep_best=0))
   for step in (1, 2):
@@ -107,13 +133,13 @@ def trained_on_2x2x2(tmp_path_factory):
 
 def eval_on(config, workdir, devices, shape):
   """Restores the run's last checkpoint (model only) onto a mesh of `devices` and evaluates it."""
-  config = train_lib.config_from_json(train_lib.config_to_json(config))
+  config = rundir.config_from_json(rundir.config_to_json(config))
   config.mesh.shape = shape
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   rules = sharding.logical_rules(config.mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
   with sharding.activate(mesh, rules):
-    graphdef, target, _ = train_lib.abstract_model_state(config.model, mesh, rules)
+    graphdef, target, _ = checkpoint.abstract_model_state(config.model, mesh, rules)
     model = ckpt.restore(ckpt.latest_step(), model=target)['model']
     shardings = jax.tree.map(lambda x: x.sharding, target)
     for leaf, want in zip(jax.tree.leaves(model), jax.tree.leaves(shardings)):
@@ -243,10 +269,8 @@ def test_resume_needs_the_process_count_that_saved(tmp_path):
 
 
 def test_ensure_writable(tmp_path):
-  checkpoint.ensure_writable(str(tmp_path / 'new' / 'run'))
+  rundir.ensure_writable(str(tmp_path / 'new' / 'run'))
   assert os.listdir(tmp_path / 'new' / 'run' / 'checkpoints') == []  # The probe is removed.
   (tmp_path / 'file').write_text('')
   with pytest.raises(ValueError, match=r"workdir='.*/file/run' is not writable"):
-    checkpoint.ensure_writable(str(tmp_path / 'file' / 'run'))
-  with pytest.raises(ValueError, match=r"workdir='gs://bucket/run': remote URLs"):
-    checkpoint.ensure_writable('gs://bucket/run')
+    rundir.ensure_writable(str(tmp_path / 'file' / 'run'))

@@ -150,6 +150,8 @@ BAD_VALUES = [
     ('train.profile_num_steps', -2, {}),
     ('checkpoint.keep_latest', 0, {}),
     ('checkpoint.keep_best', -1, {}),
+    ('checkpoint.keep_every', 3, {}),  # Not a multiple of train.checkpoint_every (200).
+    ('train.eval_batch_size', -1, {}),
     ('mesh.shape', (1, -1), {}),
     ('mesh.shape', (-1, -1, 1), {}),
     ('mesh.shape', (0, 1, 1), {}),

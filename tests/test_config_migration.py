@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 import helpers
-from hyperconn_jax import config_lib, connections, train_lib
+from hyperconn_jax import config_lib, connections, rundir, train_lib
 
 # config.model.connection as config.json held it before the per-kind sub-configs (commit
 # dc2bf9f), here for an mHC x2 run with the learned head.
@@ -46,7 +46,7 @@ def test_a_run_with_the_old_layout_restores_and_evaluates(tmp_path):
   saved['model']['connection'] = OLD_CONNECTION
   with open(path, 'w') as f:
     json.dump(saved, f)
-  loaded = train_lib.load_run_config(workdir)
+  loaded = rundir.load_run_config(workdir)
   config_lib.validate(loaded)
   assert loaded.model.connection.kind == 'mhc'
   assert loaded.model.connection.mhc.to_dict() == config.model.connection.mhc.to_dict()

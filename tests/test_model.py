@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import helpers
-from configs import base, lm
+from configs import lm
 from hyperconn_jax import models, params
 from hyperconn_jax.models import sizes, trunk
 

@@ -136,3 +136,27 @@ def test_resume_on_one_process_from_the_two_process_checkpoint(multiprocess_run,
                                   train_runs.NUM_STEPS)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_workdir_not_shared_fails_before_compiling(tmp_path, tmp_path_factory):
+  """Each process given its own directory (as a host-local /tmp would be): both stop with the
+  error naming the processes that cannot see process 0's token, before anything is compiled."""
+  corpus = train_runs.prepared_corpus(tmp_path_factory)
+  address = f'127.0.0.1:{train_runs.free_port()}'
+  logs = [str(tmp_path / f'process{i}.txt') for i in range(NUM_PROCESSES)]
+  procs = []
+  try:
+    for index in range(NUM_PROCESSES):
+      procs.append(train_runs.start(
+          corpus, str(tmp_path / f'host{index}' / 'run'), logs[index],
+          jax_cache=train_runs.cache_dir(tmp_path_factory, f'process{index}of2'), num_devices=4,
+          process=(address, NUM_PROCESSES, index)))
+    codes = [train_runs.wait(proc, log) for proc, log in zip(procs, logs)]
+  finally:
+    train_runs.kill_all(procs)
+  for code, log in zip(codes, logs):
+    text = read(log)
+    assert code != 0 and 'is not shared by all 2 processes: processes [1] cannot read' in text, (
+        train_runs.log_tail(log))
+    assert 'Model:' not in text  # Stopped before building the model.
+  assert not (tmp_path / 'host0' / 'run' / 'metrics.jsonl').exists()

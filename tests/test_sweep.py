@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import paper
-from hyperconn_jax import config_lib, data, models, sweep
+from hyperconn_jax import config_lib, data, models, rundir, sweep
 from hyperconn_jax.analysis import results
 import helpers
 
@@ -344,7 +344,7 @@ def _wait_for(predicate, what, proc, log_path, timeout=300.0):
 
 def _training(workdir) -> bool:
   """True once the run's training loop logged an update (its SIGTERM handler is installed)."""
-  return any('loss' in r for r in sweep.read_metrics(workdir))
+  return any('loss' in r for r in rundir.read_metrics(workdir))
 
 
 def _log_has(log_path, text) -> bool:
@@ -393,8 +393,8 @@ def test_sweep_stops_on_sigterm_or_second_ctrl_c_and_says_how_to_resume(tmp_path
   _wait_for(lambda: _training(workdirs[0]), 'the first run training', proc, log_path)
   proc.send_signal(signal.SIGINT)
   _wait_for(lambda: _log_has(log_path, 'Ctrl-C again'), 'the first Ctrl-C noted', proc, log_path)
-  steps = len(sweep.read_metrics(workdirs[0]))
-  _wait_for(lambda: len(sweep.read_metrics(workdirs[0])) > steps, 'training after the first Ctrl-C',
+  steps = len(rundir.read_metrics(workdirs[0]))
+  _wait_for(lambda: len(rundir.read_metrics(workdirs[0])) > steps, 'training after the first Ctrl-C',
             proc, log_path)
   proc.send_signal(signal.SIGINT)
   text = assert_stopped(proc, log_path, 128 + signal.SIGINT)

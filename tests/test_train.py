@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import helpers
-from hyperconn_jax import checkpoint, data, train_lib
+from hyperconn_jax import checkpoint, config_lib, data, evaluation, rundir, sharding, train_lib
 
 NUM_STEPS = 30
 
@@ -83,7 +83,7 @@ def test_loss_falls_and_outputs_written(full_run):
   ratio = eval_rows[-1]['eval_bits_per_byte'] / (eval_rows[-1]['eval_loss'] / np.log(2))
   assert 1.0 < ratio < 1.05
   with open(os.path.join(workdir, 'config.json')) as f:
-    assert train_lib.config_from_json(json.load(f)).to_dict() == config.to_dict()
+    assert rundir.config_from_json(json.load(f)).to_dict() == config.to_dict()
   with open(os.path.join(workdir, 'run.json')) as f:
     facts = json.load(f)
   assert facts['backend'] == 'cpu' and facts['device_count'] == jax.device_count()
@@ -231,23 +231,31 @@ def test_config_errors_before_compile(corpus, tmp_path, field, value, message):
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize('env,expected', [
-    ({}, None),
-    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}, None),
-    ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}, 'SLURM'),
-    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, None),
-    ({'TPU_WORKER_HOSTNAMES': 'h0,h1,h2,h3'}, 'Cloud TPU (TPU_WORKER_HOSTNAMES)'),
-    ({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234'}, 'JAX_COORDINATOR_ADDRESS'),
-    ({'OMPI_COMM_WORLD_SIZE': '2'}, 'Open MPI'),
-])
-def test_cluster_environment_detection(monkeypatch, env, expected):
-  from hyperconn_jax import distributed
-  for name in ('JAX_COORDINATOR_ADDRESS', 'TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES',
-               'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'SLURM_NTASKS',
-               'OMPI_COMM_WORLD_SIZE'):
-    monkeypatch.delenv(name, raising=False)
-  for name, value in env.items():
-    monkeypatch.setenv(name, value)
-  assert distributed.cluster_environment() == expected
-  if expected is None:  # A single process: nothing to initialise.
-    assert distributed.maybe_initialize() is False
+def test_eval_batch_size_is_its_own(corpus):
+  """Evaluation runs in train.eval_batch_size batches (default: the training microbatch), not
+  in training batches; the whole-split metrics do not depend on it."""
+  results = {}
+  for accum, eval_batch_size, expected_rows in ((2, 0, 4), (1, 0, 8), (1, 2, 2)):
+    config = helpers.tiny_config(*corpus, eval_batches=0, eval_batch_size=eval_batch_size)
+    with config.unlocked():
+      config.optim.grad_accum_steps = accum
+    data.ensure_prepared(config)
+    first = next(data.make_eval_iterator(config, num_batches=0))
+    assert first['inputs'].shape == (expected_rows, config.data.seq_len)
+    rules = sharding.logical_rules(config.mesh)
+    with config.unlocked():
+      config.mesh.shape = (1, 2, 1)  # Any eval batch here (2, 4, 8) divides over 2 devices.
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:2])
+    with sharding.activate(mesh, rules):
+      setup = train_lib.make_setup(config, mesh, rules)
+      state = train_lib.init_state(config, setup)
+      evaluator = evaluation.Evaluator(config, setup.graphdef,
+                                       {'params': setup.state_shardings.params,
+                                        'rest': setup.state_shardings.rest},
+                                       setup.batch_sharding)
+      results[expected_rows] = evaluator({'params': state.params, 'rest': state.rest})
+  assert results[4]['eval_tokens'] == results[8]['eval_tokens'] == results[2]['eval_tokens']
+  np.testing.assert_allclose(results[4]['eval_loss'], results[8]['eval_loss'], rtol=1e-5)
+  np.testing.assert_allclose(results[2]['eval_loss'], results[8]['eval_loss'], rtol=1e-5)
+  with pytest.raises(ValueError, match=r'train\.eval_batch_size'):
+    config_lib.validate(helpers.tiny_config(*corpus, eval_batch_size=-1))

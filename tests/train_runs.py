@@ -19,11 +19,12 @@ import subprocess
 import sys
 import time
 
+import fsspec
 import jax
 
 import helpers
 from configs import lm
-from hyperconn_jax import checkpoint, data, sharding, train_lib
+from hyperconn_jax import checkpoint, data, paths, rundir, sharding, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/lm.py:size=tiny'
@@ -150,8 +151,20 @@ def kill_all(procs) -> None:
       proc.wait()
 
 
+def forget_listings(workdir) -> None:
+  """Drops gcsfs's cached bucket listings: it caches them without expiry, so this process would
+  not see what the train.py subprocesses wrote to the bucket since it last looked."""
+  if paths.is_remote(workdir):
+    filesystem = fsspec.get_filesystem_class(str(workdir).split('://')[0])
+    for instance in list(filesystem._cache.values()):  # pylint: disable=protected-access
+      instance.invalidate_cache()
+
+
 def rows(workdir) -> list[dict]:
-  """The rows of WORKDIR/metrics.jsonl ([] if it does not exist yet)."""
+  """The rows of WORKDIR/metrics.jsonl ([] if it does not exist yet; a bucket's is buffered)."""
+  if paths.is_remote(workdir):
+    forget_listings(workdir)
+    return rundir.read_metrics(workdir)
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
@@ -168,11 +181,15 @@ def eval_losses(workdir) -> dict[int, float]:
 
 
 def finalized_steps(workdir) -> list[int]:
-  """Checkpoint steps whose save finished (orbax renames a step directory when it is complete)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  """Checkpoint steps whose save finished (orbax renames a step directory when it is complete on
+  a local disk; on a bucket it writes the commit marker last)."""
+  forget_listings(workdir)
+  directory = paths.as_path(workdir) / 'checkpoints'
+  if not directory.is_dir():
     return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  remote = paths.is_remote(workdir)
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and (not remote or (p / 'commit_success.txt').exists()))
 
 
 def wait_until(condition, procs, what: str, log_path, timeout: float = RUN_TIMEOUT_S) -> None:
@@ -213,6 +230,7 @@ def reference_run(tmp_path_factory) -> str:
 def restore_state(config, workdir, step: int):
   """The model and optimizer state of a checkpoint, restored on this process's 8 devices (host
   numpy arrays)."""
+  forget_listings(workdir)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   with sharding.activate(mesh, rules):

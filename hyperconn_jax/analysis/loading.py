@@ -9,13 +9,13 @@ import jax
 from flax import nnx
 import numpy as np
 
-from hyperconn_jax import checkpoint, cli, data, sharding, train_lib
+from hyperconn_jax import cli, data, rundir, sharding
 from hyperconn_jax.analysis import trace
 
 
 def load_config(workdir: str, *, data_dir: str | None = None):
-  """The run's config (train_lib.load_run_config) for a one-device mesh; unlocked."""
-  config = train_lib.load_run_config(workdir)
+  """The run's config (rundir.load_run_config) for a one-device mesh; unlocked."""
+  config = rundir.load_run_config(workdir)
   config.mesh.shape = (1,) * len(config.mesh.axes)
   if data_dir is not None:
     config.data.data_dir = data_dir
@@ -35,17 +35,9 @@ def load_model(workdir: str, step: str | int = 'latest', *, data_dir: str | None
   """
   with cli.usage_errors():  # A wrong workdir or step, not a failure.
     config = load_config(workdir, data_dir=data_dir)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
-  try:
-    with cli.usage_errors():
-      checkpoint_step = ckpt.resolve_step(step)
-    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-    rules = sharding.logical_rules(config.mesh)
-    with sharding.activate(mesh, rules):
-      graphdef, abstract, _ = train_lib.abstract_model_state(config.model, mesh, rules)
-      restored = ckpt.restore(checkpoint_step, model=abstract)['model']
-  finally:
-    ckpt.close()
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  rules = sharding.logical_rules(config.mesh)
+  graphdef, restored, checkpoint_step = rundir.restore_model(workdir, config, step, mesh, rules)
   model = nnx.merge(graphdef, restored['params'], restored['rest'])
   return config, trace.loop_layout(model, config.model), checkpoint_step
 

@@ -11,6 +11,8 @@ from matplotlib import ticker  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 from PIL import Image  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from hyperconn_jax import paths  # noqa: E402  pylint: disable=g-import-not-at-top
+
 _DPI = 110
 
 
@@ -21,7 +23,9 @@ def _save(fig, path: str) -> None:
   buffer = io.BytesIO()
   fig.savefig(buffer, dpi=_DPI, format='png')
   plt.close(fig)
-  Image.open(buffer).convert('RGB').quantize(256).save(path, optimize=True)
+  png = io.BytesIO()
+  Image.open(buffer).convert('RGB').quantize(256).save(png, format='png', optimize=True)
+  paths.as_path(path).write_bytes(png.getvalue())  # A local path or a URL (gs://...).
 
 
 def _integer_x(ax) -> None:

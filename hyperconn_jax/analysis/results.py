@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from hyperconn_jax import metrics, sweep
+from hyperconn_jax import paths, rundir, sweep
 from hyperconn_jax.analysis import plots
 
 METRICS = ('eval_loss', 'eval_bits_per_byte', 'eval_ppl')
@@ -35,9 +35,8 @@ def read_run(run: sweep.Run) -> dict[str, Any]:
   'eval': (steps, losses), 'tokens_seen', 'wall_s' (None if unknown), 'facts' (WORKDIR/run.json:
   where it trained; None if absent)}.
   """
-  rows = sweep.read_metrics(run.workdir)
-  with open(os.path.join(run.workdir, 'config.json')) as f:
-    config = json.load(f)
+  rows = rundir.read_metrics(run.workdir)
+  config = rundir.read_json(paths.as_path(run.workdir) / rundir.CONFIG_FILE)
   last = config['train']['num_steps']
   final = [r for r in rows if r['step'] == last and 'eval_loss' in r]
   if not final:
@@ -47,11 +46,7 @@ def read_run(run: sweep.Run) -> dict[str, Any]:
   if os.path.exists(wall_path):
     with open(wall_path) as f:
       wall_s = json.load(f)['wall_s']
-  facts_path = os.path.join(run.workdir, metrics.RUN_FACTS_FILE)
-  facts = None
-  if os.path.exists(facts_path):
-    with open(facts_path) as f:
-      facts = json.load(f)
+  facts = rundir.read_run_facts(run.workdir)
   train = [(r['step'], r['loss']) for r in rows if 'loss' in r]
   evals = [(r['step'], r['eval_loss']) for r in rows if 'eval_loss' in r]
   return {

@@ -6,6 +6,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from hyperconn_jax import paths
+
 from hyperconn_jax.analysis import diagnostics, loading, plots, trace
 
 ANALYSES = ('connections', 'collapse', 'gain', 'coefficients')
@@ -64,7 +66,8 @@ def analyze_model(model, batches: list[dict[str, np.ndarray]],
 
 def write(results: dict[str, Any], out_dir: str, tag: str, title: str) -> list[str]:
   """Writes <analysis>_<tag>.json and .png for each analysis in `results`; returns the paths."""
-  os.makedirs(out_dir, exist_ok=True)
+  out = paths.as_path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   draw = {
       'connections': lambda r, p: plots.connection_matrices(r, p, f'{title}: unrolled '
                                                             'connection matrices (HC App. F)'),
@@ -74,17 +77,17 @@ def write(results: dict[str, Any], out_dir: str, tag: str, title: str) -> list[s
       'coefficients': lambda r, p: plots.coefficients(r, p, f'{title}: connection coefficients '
                                                       '(median, 5-95% over tokens)'),
   }
-  paths = []
+  written = []
   for name in ANALYSES:
     if name not in results:
       continue
-    base = os.path.join(out_dir, f'{name}_{tag}')
-    with open(base + '.json', 'w') as f:
-      json.dump({'analysis': name, 'label': title, 'num_tokens': results['num_tokens'],
-                 'result': _jsonable(results[name])}, f)
+    base = os.fspath(out / f'{name}_{tag}')
+    paths.as_path(base + '.json').write_text(json.dumps(
+        {'analysis': name, 'label': title, 'num_tokens': results['num_tokens'],
+         'result': _jsonable(results[name])}))
     draw[name](results[name], base + '.png')
-    paths += [base + '.json', base + '.png']
-  return paths
+    written += [base + '.json', base + '.png']
+  return written
 
 
 def _arrays(value: Any) -> Any:
@@ -109,11 +112,10 @@ def read_written(out_dir: str, tag: str,
   there."""
   results, files = {}, []
   for name in check_analyses(analyses):
-    base = os.path.join(out_dir, f'{name}_{tag}')
-    if not (os.path.exists(base + '.json') and os.path.exists(base + '.png')):
+    base = os.fspath(paths.as_path(out_dir) / f'{name}_{tag}')
+    if not (paths.as_path(base + '.json').exists() and paths.as_path(base + '.png').exists()):
       return None
-    with open(base + '.json') as f:
-      written = json.load(f)
+    written = json.loads(paths.as_path(base + '.json').read_text())
     results[name] = _arrays(written['result'])
     results['num_tokens'] = written['num_tokens']
     files += [base + '.json', base + '.png']
@@ -137,7 +139,7 @@ def analyze_checkpoint(workdir: str, step: str | int = 'latest', *,
   batches = loading.validation_batches(config, num_batches)
   results = analyze_model(model, batches, analyses)
   label = label or os.path.basename(os.path.normpath(workdir))
-  out_dir = out_dir or os.path.join(workdir, 'analysis')
+  out_dir = out_dir or os.fspath(paths.as_path(workdir) / 'analysis')
   results['files'] = write(results, out_dir, str(checkpoint_step),
                            f'{label} step {checkpoint_step}')
   results['step'] = checkpoint_step
@@ -147,19 +149,19 @@ def analyze_checkpoint(workdir: str, step: str | int = 'latest', *,
 def compare(results_by_label: dict[str, dict[str, Any]], out_dir: str) -> list[str]:
   """Overlays the collapse and gain results of several checkpoints (HC Fig. 3, mHC Fig. 7);
   writes compare_<analysis>.png and .json into out_dir; returns the paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = []
+  out = paths.as_path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  written = []
   for name in OVERLAYS:
     subset = {label: r[name] for label, r in results_by_label.items() if name in r}
     if not subset:
       continue
-    base = os.path.join(out_dir, f'compare_{name}')
-    with open(base + '.json', 'w') as f:
-      json.dump(_jsonable(subset), f)
+    base = os.fspath(out / f'compare_{name}')
+    paths.as_path(base + '.json').write_text(json.dumps(_jsonable(subset)))
     if name == 'collapse':
       plots.collapse(subset, base + '.png', 'Adjacent-layer input cosine similarity '
                      '(median, 5-95% band)')
     else:
       plots.gain(subset, base + '.png', 'Composite Amax gain of the residual mixing')
-    paths += [base + '.json', base + '.png']
-  return paths
+    written += [base + '.json', base + '.png']
+  return written

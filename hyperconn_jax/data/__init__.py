@@ -8,7 +8,8 @@ text files) or any prepared TFDS dataset, read through grain (no TensorFlow). Cl
   ensure_prepared(config)                   prepares 'stdlib' / 'text_files', explains the rest,
                                             checks token shards' tokenizer and the eval split size
   make_train_iterator(config, *, process_index=0, process_count=1) -> grain DatasetIterator
-  make_eval_iterator(config, *, process_index=0, process_count=1, num_batches) -> DatasetIterator
+  make_eval_iterator(config, *, process_index=0, process_count=1, num_batches, batch_size=None)
+                                            -> DatasetIterator
 
 Prepare (token shards from text / jsonl / parquet files or a TFDS dataset, or a TFDS dataset) from the
 command line with `python -m hyperconn_jax.data.prepare` (see prepare.py).
@@ -46,12 +47,20 @@ def make_train_iterator(config, *, process_index: int = 0, process_count: int = 
 
 
 def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1,
-                       num_batches: int):
-  """A fresh iterator over the eval split (see pipeline / images)."""
+                       num_batches: int, batch_size: int | None = None):
+  """A fresh iterator over the eval split (see pipeline / images) in global batches of
+  `batch_size` rows (default eval_batch_size(config)); this process's rows only."""
   module = images if _images(config) else pipeline
-  return module.make_eval_iterator(config, process_index=process_index,
-                                   process_count=process_count, num_batches=num_batches)
+  return module.make_eval_iterator(
+      config, process_index=process_index, process_count=process_count, num_batches=num_batches,
+      batch_size=eval_batch_size(config) if batch_size is None else batch_size)
 
 
 __all__ = ['Tokenizer', 'ensure_prepared', 'get_tokenizer', 'make_eval_iterator',
            'make_train_iterator', 'validate']
+
+
+def eval_batch_size(config) -> int:
+  """Global rows of an eval batch: train.eval_batch_size, or the training microbatch if 0."""
+  t = config.train
+  return t.eval_batch_size or t.batch_size // config.optim.grad_accum_steps

@@ -185,6 +185,23 @@ class _Example:
             'weights': np.float32(1.0)}
 
 
+class _EvalRows:
+  """Global eval batch g -> this process's rows of it ([first, first + local_batch)): only those
+  examples are read; rows past the end of the split are zeros with weight 0."""
+
+  def __init__(self, source, example_fn, batch_size: int, first: int, local_batch: int):
+    self._source, self._example_fn = source, example_fn
+    self._batch_size, self._first, self._local_batch = batch_size, first, local_batch
+    self._zeros = {k: np.zeros_like(v) for k, v in example_fn(source[0]).items()}
+
+  def __call__(self, g: int):
+    start = g * self._batch_size + self._first
+    stop = min(start + self._local_batch, len(self._source))
+    examples = [self._example_fn(self._source[i]) for i in range(start, stop)]
+    examples += [self._zeros] * (self._local_batch - len(examples))
+    return {k: np.stack([e[k] for e in examples]) for k in self._zeros}
+
+
 class _Mixup:
   """Mixes a batch with itself rolled by one: lam * x + (1 - lam) * roll(x), same for targets."""
 
@@ -227,19 +244,17 @@ def make_train_iterator(config, *, process_index: int = 0,
 
 
 def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1,
-                       num_batches: int) -> grain.DatasetIterator:
-  """A fresh iterator over the eval split from its beginning: batches of train.batch_size /
+                       num_batches: int, batch_size: int) -> grain.DatasetIterator:
+  """A fresh iterator over the eval split from its beginning: batches of batch_size /
   process_count rows, the last one padded with zero-weight rows; at most num_batches batches
-  (<= 0: the whole split)."""
+  (<= 0: the whole split). Each process reads only the examples of its own rows."""
   data_config = config.data
   pipeline._check_process(process_index, process_count)  # pylint: disable=protected-access
-  local_batch = pipeline._local_batch_size(  # pylint: disable=protected-access
-      config, process_count)
+  local_batch = pipeline.eval_local_batch_size(batch_size, process_count)
   source = _open_split(config, data_config.eval_split)
-  ds = grain.MapDataset.source(source).map(_Example(config, train=False))
-  pad_and_shard = pipeline._PadAndShard(  # pylint: disable=protected-access
-      config.train.batch_size, process_index, local_batch)
-  ds = ds.batch(config.train.batch_size, drop_remainder=False, batch_fn=pad_and_shard)
+  rows = _EvalRows(source, _Example(config, train=False), batch_size,
+                   process_index * local_batch, local_batch)
+  ds = grain.MapDataset.range(-(-len(source) // batch_size)).map(rows)
   ds = ds.to_iter_dataset(_READ_OPTIONS)
   if num_batches > 0:
     ds = grain_experimental.LimitIterDataset(ds, count=num_batches)

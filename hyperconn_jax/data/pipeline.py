@@ -25,8 +25,9 @@ Train (infinite, checkpointable):
 
 Eval (finite, deterministic, restarts from the beginning on every call):
   documents in stored order -> tokens -> concatenate and split (the last sequence padded) ->
-  global batches of train.batch_size rows (the last one padded with zero-weight rows) -> rows
-  [process_index * b, (process_index + 1) * b) of each, b = train.batch_size / process_count.
+  global batches of B rows (B = train.eval_batch_size, or the training microbatch if 0; the last
+  one padded with zero-weight rows) -> rows [process_index * b, (process_index + 1) * b) of each,
+  b = B / process_count.
   Eval reads in this process (data.worker_count only applies to training). Unlike train, it splits
   by rows: every process yields the same number of batches and the union of their rows is exactly
   what a single process sees, so eval metrics do not depend on the number of processes. Each
@@ -435,8 +436,17 @@ class _PadAndShard:
     return {k: v[self._rows] for k, v in batch.items()}
 
 
+def eval_local_batch_size(batch_size: int, process_count: int) -> int:
+  """This process's rows of a global eval batch of `batch_size` rows."""
+  if batch_size % process_count:
+    raise ValueError(
+        f'the eval batch (train.eval_batch_size, or the training microbatch if 0) of {batch_size} '
+        f'rows is not divisible by the {process_count} processes.')
+  return batch_size // process_count
+
+
 def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1,
-                       num_batches: int) -> grain.DatasetIterator:
+                       num_batches: int, batch_size: int) -> grain.DatasetIterator:
   """Returns a fresh iterator over the eval split (data.eval_split) from its beginning.
 
   Args:
@@ -444,9 +454,10 @@ def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1
     process_index: this process, in [0, process_count).
     process_count: number of processes.
     num_batches: at most this many batches; <= 0: the whole split.
+    batch_size: rows of a global eval batch (config_lib.eval_batch_size).
 
   Returns:
-    A grain DatasetIterator of batches with train.batch_size / process_count rows, the same on
+    A grain DatasetIterator of batches with batch_size / process_count rows, the same on
     every call; only the last batch may contain padding (weights 0). Every process yields the
     same number of batches.
 
@@ -455,13 +466,13 @@ def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1
   """
   data_config = config.data
   _check_process(process_index, process_count)
-  local_batch = _local_batch_size(config, process_count)
+  local_batch = eval_local_batch_size(batch_size, process_count)
   ds = _documents(config, data_config.eval_split).to_iter_dataset(_read_options(data_config))
   ds = grain_experimental.ConcatThenSplitIterDataset(
       ds, length_struct={'tokens': data_config.seq_len + 1})
   ds = ds.map(_ToExample()).batch(
-      config.train.batch_size, drop_remainder=False,
-      batch_fn=_PadAndShard(config.train.batch_size, process_index, local_batch))
+      batch_size, drop_remainder=False,
+      batch_fn=_PadAndShard(batch_size, process_index, local_batch))
   if num_batches > 0:
     ds = grain_experimental.LimitIterDataset(ds, count=num_batches)
   return iter(ds)

@@ -11,15 +11,22 @@ array_record; if it is missing we raise a ValueError giving the command, before 
 download of its own. Reading goes through `builder.as_data_source(split)` (what `tfds.data_source`
 calls), giving random access to the examples without TensorFlow.
 
+data.data_dir may be a URL (gs://BUCKET/tfds): TFDS reads its metadata through etils.epath and
+ArrayRecord reads gs:// itself; 'stdlib' / 'text_files' are prepared locally and copied there.
+
 Two processes may prepare the same dataset at once (several hosts sharing data_dir): TFDS writes
 into a temporary directory and renames it into place, which only one of them wins; the loser finds
 the dataset prepared and uses it.
 """
 
 import os
+import tempfile
 
 from absl import logging
+from etils import epath
 import tensorflow_datasets as tfds
+
+from hyperconn_jax import paths
 
 from hyperconn_jax.data import builders
 from hyperconn_jax.data import token_shards
@@ -30,9 +37,10 @@ TOKENS = 'tokens'
 
 
 def resolve_data_dir(data_config) -> str:
-  """Returns data.data_dir, or TFDS's default (~/tensorflow_datasets) when it is ''."""
+  """Returns data.data_dir (a local path made absolute, or a URL such as gs://BUCKET/tfds), or
+  TFDS's default (~/tensorflow_datasets) when it is ''."""
   if data_config.data_dir:
-    return os.path.abspath(os.path.expanduser(data_config.data_dir))
+    return os.fspath(paths.as_path(data_config.data_dir))
   return os.path.expanduser(tfds.core.constants.DATA_DIR)
 
 
@@ -80,6 +88,9 @@ def prepare(dataset_builder: tfds.core.DatasetBuilder) -> None:
   """Prepares a builder that needs no download, tolerating a concurrent preparation."""
   if dataset_builder.is_prepared():
     return
+  if paths.is_remote(dataset_builder.data_dir_root):
+    _prepare_and_upload(dataset_builder)
+    return
   logging.info('Preparing %s in %s.', dataset_builder.info.full_name, dataset_builder.data_dir)
   try:
     dataset_builder.download_and_prepare(
@@ -92,6 +103,20 @@ def prepare(dataset_builder: tfds.core.DatasetBuilder) -> None:
         file_format='array_record')
     if not again.is_prepared():
       raise
+
+
+def _prepare_and_upload(dataset_builder: tfds.core.DatasetBuilder) -> None:
+  """Prepares into a local temporary directory and copies the files to the bucket: the
+  ArrayRecord writer only writes local files (its reader reads gs:// directly). The metadata
+  files (dataset_info.json, ...) go last, so a reader never sees a half-copied dataset as
+  prepared (tfds.is_prepared looks for them)."""
+  with tempfile.TemporaryDirectory() as local_root:
+    local = type(dataset_builder)(config=dataset_builder.builder_config, data_dir=local_root,
+                                  file_format='array_record')
+    prepare(local)
+    source, target = epath.Path(local.data_dir), epath.Path(dataset_builder.data_dir)
+    logging.info('Copying the prepared %s to %s.', local.info.full_name, target)
+    paths.copy_tree(source, target, last=lambda p: p.suffix == '.json')
 
 
 def ensure_prepared(config) -> None:
