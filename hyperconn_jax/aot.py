@@ -21,10 +21,12 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from etils import epath
 import jax
 from jax.experimental import topologies
 from ml_collections import config_flags
 
+from hyperconn_jax import cli
 from hyperconn_jax import config_lib
 from hyperconn_jax import devices as devices_lib
 from hyperconn_jax import flops as flops_lib
@@ -230,10 +232,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or not _TOPOLOGY_FLAG.value:
     raise app.UsageError('--config and --topology are required')
-  result = analyze(_CONFIG.value, _TOPOLOGY_FLAG.value)
+  with cli.usage_errors():  # A bad topology, mesh or batch: one line, exit 2.
+    result = analyze(_CONFIG.value, _TOPOLOGY_FLAG.value)
   print(report(result), flush=True)
   if _JSON.value:
-    from etils import epath  # pylint: disable=g-import-not-at-top
     path = epath.Path(_JSON.value)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
@@ -248,4 +250,4 @@ if __name__ == '__main__':
   _TOPOLOGY_FLAG = flags.DEFINE_string(
       'topology', None, "TPU slice, e.g. 'v5p:4x4x4' (64 chips) or 'v5e:16x16' (256 chips).")
   _JSON = flags.DEFINE_string('json', '', 'Write the figures to this JSON file as well.')
-  app.run(main)
+  cli.run(main)

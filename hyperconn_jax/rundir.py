@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from configs import base
 from hyperconn_jax import checkpoint
 from hyperconn_jax import cli
 from hyperconn_jax import connections
@@ -86,7 +87,6 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   Fields added to configs/base.py after the run was trained take their defaults, so older runs
   stay loadable.
   """
-  from configs import base  # pylint: disable=g-import-not-at-top  (configs import the library)
   path = as_path(workdir) / CONFIG_FILE
   if not path.exists():
     raise ValueError(f'--workdir={workdir}: no {CONFIG_FILE} (is it a training run directory?)')
