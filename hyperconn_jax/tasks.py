@@ -75,6 +75,12 @@ class LanguageModeling:
   def batch_sharding(self, mesh: jax.sharding.Mesh, rules) -> NamedSharding:
     return sharding.batch_sharding(mesh, rules)
 
+  def batch_shapes(self, config, rows: int) -> dict:
+    """{field: (shape, dtype)} of a batch of `rows` packed sequences."""
+    shape = (rows, config.data.seq_len)
+    return {'inputs': (shape, jnp.int32), 'targets': (shape, jnp.int32),
+            'weights': (shape, jnp.float32)}
+
   def forward(self, config, net, inputs, dropout_key):
     del config, dropout_key  # The decoder has no dropout.
     return net.forward(inputs)
@@ -105,6 +111,12 @@ class Classification:
 
   def batch_sharding(self, mesh: jax.sharding.Mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, sharding.logical_to_spec(('batch',), None, mesh, rules))
+
+  def batch_shapes(self, config, rows: int) -> dict:
+    """{field: (shape, dtype)} of a batch of `rows` images with label distributions."""
+    v = config.model.vit
+    return {'inputs': ((rows, v.image_size, v.image_size, v.channels), jnp.float32),
+            'targets': ((rows, v.num_classes), jnp.float32), 'weights': ((rows,), jnp.float32)}
 
   def forward(self, config, net, inputs, dropout_key):
     use_dropout = dropout_key is not None and config.model.vit.dropout > 0

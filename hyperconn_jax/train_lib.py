@@ -125,15 +125,7 @@ def abstract_train_state(setup: Setup) -> TrainState:
 
 def abstract_batch(config: ml_collections.ConfigDict, setup: Setup) -> dict[str, jax.Array]:
   """A global training batch as ShapeDtypeStructs with the batch sharding (see tasks)."""
-  b, m = config.train.batch_size, config.model
-  if models.task(m) == 'lm':
-    shapes = {'inputs': ((b, config.data.seq_len), jnp.int32),
-              'targets': ((b, config.data.seq_len), jnp.int32),
-              'weights': ((b, config.data.seq_len), jnp.float32)}
-  else:
-    shapes = {'inputs': ((b, m.vit.image_size, m.vit.image_size, m.vit.channels), jnp.float32),
-              'targets': ((b, m.vit.num_classes), jnp.float32),
-              'weights': ((b,), jnp.float32)}
+  shapes = tasks.of(config.model).batch_shapes(config, config.train.batch_size)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding)
           for k, (shape, dtype) in shapes.items()}
 
@@ -237,7 +229,7 @@ def throughput_metrics(config: ml_collections.ConfigDict):
   (hyperconn_jax.flops) achieved per device and their fraction of the device's peak
   (hyperconn_jax.devices: the vendor figure, or a measured matmul on CPU). The function returns {}
   for models the FLOPs formula does not describe (ViT, MoE)."""
-  if models.task(config.model) != 'lm' or config.model.ffn != 'dense':
+  if tasks.of(config.model).name != 'lm' or config.model.ffn != 'dense':
     return lambda steps_per_sec: {}
   per_device = flops_lib.model_flops_per_step(config) / jax.device_count()
   peak = devices_lib.peak_flops_per_second(jax.local_devices()[0])
