@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from hyperconn_jax import cli
 from hyperconn_jax import config_lib
+from hyperconn_jax import connections
 from hyperconn_jax import devices as devices_lib
 from hyperconn_jax import flops as flops_lib
 from hyperconn_jax import sharding
@@ -169,7 +170,8 @@ def analyze(config, topology: str, *, roofline: bool = True) -> dict[str, Any]:
       'topology': topology, 'chip': chip.name, 'num_chips': num_chips,
       'device_kind': devices[0].device_kind,
       'mesh': dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
-      'connection': config.model.connection.kind, 'rate': _rate(config.model.connection),
+      'connection': config.model.connection.kind, 'rate': connections.layout(
+          config.model.connection, config.model.d_model).num_streams,
       'd_model': config.model.d_model, 'num_layers': config.model.num_layers,
       'seq_len': config.data.seq_len, 'global_batch': config.train.batch_size,
       'tokens_per_step': config.train.batch_size * config.data.seq_len,
@@ -193,12 +195,6 @@ def analyze(config, topology: str, *, roofline: bool = True) -> dict[str, Any]:
         'roofline_step_s': max(compute_s, memory_s),
         'roofline_mfu': model_flops_per_chip / chip.peak_flops / max(compute_s, memory_s)})
   return result
-
-
-def _rate(connection) -> int:
-  """n of hc / mhc / altup, m of frac, 1 otherwise."""
-  return {'hc': connection.n, 'mhc': connection.n, 'altup': connection.n,
-          'frac': connection.m}.get(connection.kind, 1)
 
 
 def report(r: dict[str, Any]) -> str:
