@@ -36,9 +36,8 @@ def main(argv):
   _INITIALIZE_DISTRIBUTED()
   metrics.quiet_library_logs()
   # Imported after distributed initialisation: nothing may touch the JAX backend before it.
-  from hyperconn_jax import config_lib, train_lib  # pylint: disable=g-import-not-at-top
-  with cli.usage_errors():
-    config_lib.validate(_CONFIG.value)
+  from hyperconn_jax import train_lib  # pylint: disable=g-import-not-at-top
+  # It validates the config (once) and raises cli.UsageError, a one-line error, for bad input.
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -29,6 +29,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hyperconn_jax import checkpoint
+from hyperconn_jax import cli
 from hyperconn_jax import config_lib
 from hyperconn_jax import data
 from hyperconn_jax import devices as devices_lib
@@ -274,16 +275,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     {'step': last step, plus the last training metrics and the last eval metrics (if any)}.
 
   Raises:
-    ValueError: a bad config, a workdir that cannot be written or (multi-process) is not shared
-      by every process (all before anything is compiled), or checkpoints written by another
-      number of processes.
+    cli.UsageError (a ValueError): a bad config, a workdir that cannot be written or
+      (multi-process) is not shared by every process, all before anything is compiled.
+    ValueError: checkpoints written by another number of processes.
     NonFiniteError: NaN / Inf loss, gradient or parameters (the message names the step).
     checkpoint.DamagedCheckpointError: the workdir has checkpoints but none can be restored.
   """
-  config_lib.validate(config)
-  config_lib.validate_mesh_for_devices(config, jax.device_count())
-  rundir.ensure_writable(workdir)
-  rundir.ensure_shared(workdir)
+  # Validated here, once, for every caller; bad input raises cli.UsageError (a ValueError), which
+  # the entry points print as one line.
+  with cli.usage_errors():
+    config_lib.validate(config)
+    config_lib.validate_mesh_for_devices(config, jax.device_count())
+    rundir.ensure_writable(workdir)
+    rundir.ensure_shared(workdir)
   if config.train.compilation_cache_dir:
     # Before the first compilation of the process: JAX decides once whether to use the cache.
     jax.config.update('jax_compilation_cache_dir', config.train.compilation_cache_dir)
