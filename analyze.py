@@ -38,6 +38,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   metrics.quiet_library_logs()
+  from configs import base  # pylint: disable=g-import-not-at-top
   from hyperconn_jax.analysis import runner  # pylint: disable=g-import-not-at-top
   try:
     analyses = runner.check_analyses(_ANALYSES.value)
@@ -48,9 +49,9 @@ def main(argv):
     labels = ['/'.join(os.path.normpath(w).split(os.sep)[-2:]) for w in _WORKDIR.value]
   results = {}
   for workdir, label in zip(_WORKDIR.value, labels):
-    r = runner.analyze_checkpoint(workdir, _STEP.value, analyses=analyses,
-                                  num_batches=_BATCHES.value, data_dir=_DATA_DIR.value,
-                                  label=label)
+    r = runner.analyze_checkpoint(workdir, _STEP.value, defaults=base.get_config(),
+                                  analyses=analyses, num_batches=_BATCHES.value,
+                                  data_dir=_DATA_DIR.value, label=label)
     results[label] = r
     print(f'{workdir} step {r["step"]} ({r["num_tokens"]} tokens):')
     for path in r['files']:

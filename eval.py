@@ -41,7 +41,8 @@ def load_config(workdir: str, *, eval_batches: int | None = None, batch_size: in
   import jax  # pylint: disable=g-import-not-at-top
   from configs import base  # pylint: disable=g-import-not-at-top
   from hyperconn_jax import config_lib, rundir  # pylint: disable=g-import-not-at-top
-  config = rundir.load_run_config(workdir)
+  defaults = base.get_config()
+  config = rundir.load_run_config(workdir, defaults)
   if eval_batches is not None:
     config.train.eval_batches = eval_batches
   if batch_size is not None:
@@ -55,8 +56,8 @@ def load_config(workdir: str, *, eval_batches: int | None = None, batch_size: in
       config_lib.validate_mesh_for_devices(config, jax.device_count())
     except ValueError:
       logging.info('The run\'s mesh.shape %s does not fit %d devices; using %s.',
-                   config.mesh.shape, jax.device_count(), base.get_config().mesh.shape)
-      config.mesh.shape = base.get_config().mesh.shape
+                   config.mesh.shape, jax.device_count(), defaults.mesh.shape)
+      config.mesh.shape = defaults.mesh.shape
   config.lock()
   return config
 

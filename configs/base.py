@@ -132,7 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       # 'stdlib' (embedded corpus: the running interpreter's standard library sources) |
       # 'text_files' (data.text_glob) | 'tokens' (token shards written by
-      # `python -m hyperconn_jax.data.prepare`, at data.data_dir) | any prepared TFDS dataset name
+      # `python prepare.py`, at data.data_dir) | any prepared TFDS dataset name
       # ('lm1b', 'c4', ...).
       dataset='stdlib',
       # Where TFDS datasets are prepared / found ('' -> ~/tensorflow_datasets); for 'tokens' the

@@ -14,6 +14,7 @@ every FLUSH_SECONDS on a bucket (every row on a local disk), and always when a c
 saved and when the run ends, so a resumed run finds every row up to its checkpoint.
 """
 
+import copy
 import json
 import os
 import time
@@ -26,7 +27,6 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from configs import base
 from hyperconn_jax import checkpoint
 from hyperconn_jax import cli
 from hyperconn_jax import connections
@@ -81,11 +81,15 @@ def _merge(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict) 
       config[key] = value
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+def load_run_config(workdir: str,
+                    defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config a run was trained with (WORKDIR/config.json), unlocked.
 
-  Fields added to configs/base.py after the run was trained take their defaults, so older runs
-  stay loadable.
+  Args:
+    workdir: the training run's working directory.
+    defaults: every field's default (configs/base.py's get_config(), passed in by the entry
+      point: library code does not import configs/); not modified. Fields added after the run
+      was trained take these values, so older runs stay loadable.
   """
   path = as_path(workdir) / CONFIG_FILE
   if not path.exists():
@@ -95,7 +99,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   model_json = saved_json.get('model', {})
   if 'connection' in model_json:
     model_json['connection'] = connections.migrate(model_json['connection'])
-  config = base.get_config()
+  config = copy.deepcopy(defaults)
+  config.unlock()
   _merge(config, config_from_json(saved_json))
   return config
 

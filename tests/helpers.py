@@ -31,6 +31,16 @@ def write_corpus(directory: str, num_docs: int = 120) -> str:
 
 TINY_VOCAB = 64
 
+# config.model.connection as config.json held it before the per-kind sub-configs (commit
+# dc2bf9f), here for an mHC x2 run with the learned head.
+OLD_CONNECTION = {
+    'kind': 'mhc', 'n': 2, 'm': 4, 'dynamic': True, 'tanh': True, 'dynamic_norm': 'layernorm',
+    'dynamic_norm_affine': False, 'scale': True, 'alpha_scale_init': 0.01, 'beta_scale_init': 0.01,
+    'train_width': True, 'train_beta': True, 'index_base': 1, 'out_proj_sqrt_n': 'none',
+    'sinkhorn_iters': 20, 'sinkhorn_eps': 1e-06, 'post_mult': 2.0, 'gate_init': 0.01,
+    'res_init': 'identity', 'res_offdiag_logit': -4.0, 'pre_init': 'home', 'pre_off_home': 0.01,
+    'mappings': ['pre', 'post', 'res'], 'reduce': 'head'}
+
 
 def tiny_model(kind: str = 'residual_prenorm', **connection):
   """The tests' one tiny model (config.model): vocab 64, d 32, 2 layers of 2 heads x 16, MLP 64,

@@ -153,7 +153,8 @@ def test_collapse_matches_the_decoders_hidden_states():
 
 
 def test_analyze_checkpoint_writes_json_and_png(trained, tmp_path):
-  result = runner.analyze_checkpoint(trained, 'latest', num_batches=1)
+  result = runner.analyze_checkpoint(trained, 'latest', defaults=base.get_config(),
+                                     num_batches=1)
   assert result['step'] == 10 and result['num_tokens'] > 0
   for name in runner.ANALYSES:
     for ext in ('json', 'png'):

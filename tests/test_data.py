@@ -257,7 +257,7 @@ def test_prepare_cli_and_concurrent_preparation(corpus, tmp_path, monkeypatch, c
 
   monkeypatch.setattr(builders.TextFiles, '_split_generators', racing)
   prepare.main(['--dataset=text_files', f'--text_glob={corpus[0]}',
-                f'--data_dir={tmp_path / "tfds"}', '--eval_fraction=0.2'])
+                f'--data_dir={tmp_path / "tfds"}', '--eval_fraction=0.2'], base.get_config())
   assert raced and 'text_files is prepared' in capsys.readouterr().out
   assert sorted(_split_ids(config, 'train') + _split_ids(config, 'validation')) == list(
       range(NUM_DOCS))
@@ -312,7 +312,7 @@ def test_missing_tfds_dataset_gives_prepare_command(tmp_path):
       call(config)
     message = str(info.value)
     assert "data.dataset='lm1b' is not prepared" in message
-    assert f'python -m hyperconn_jax.data.prepare --dataset=lm1b --data_dir={tmp_path}' in message
+    assert f'python prepare.py --dataset=lm1b --data_dir={tmp_path}' in message
     assert f'tfds build lm1b --data_dir={tmp_path} --file_format=array_record' in message
   assert not os.listdir(tmp_path)  # nothing downloaded or created
   config.data.dataset = 'no_such_dataset_xyz'
@@ -733,7 +733,7 @@ def test_prepare_token_shards_and_train_on_them(hf_path, tmp_path, capsys):
   out = tmp_path / 'tokens'
   prepare.main([f'--source={tmp_path}/src/**/*.*', f'--out={out}', '--tokenizer=huggingface',
                 f'--tokenizer_path={hf_path}', '--eval_fraction=0.25', '--piece_chars=600',
-                '--workers=2'])
+                '--workers=2'], base.get_config())
   assert '--config.data.dataset=tokens' in capsys.readouterr().out
   tokenizer = data.get_tokenizer(_hf_data_config(hf_path))
   meta = token_shards.read_meta(out)
@@ -770,7 +770,7 @@ def test_prepare_token_shards_and_train_on_them(hf_path, tmp_path, capsys):
                      r"data.tokenizer='bytes'"):
     data.ensure_prepared(config)
   config.data.data_dir = str(tmp_path / 'nothing')
-  with pytest.raises(ValueError, match=r'holds no finished token shards.*\n.*prepare --source='):
+  with pytest.raises(ValueError, match=r'holds no finished token shards.*\n.*prepare.py --source='):
     data.ensure_prepared(config)
 
 
@@ -783,7 +783,7 @@ def test_prepare_resumes_after_interruption(tmp_path, monkeypatch):
   for i in range(5):
     (tmp_path / f'{i}.txt').write_text(_doc_text(i) * 3)
   args = [f'--source={tmp_path}/*.txt', '--piece_chars=300', '--workers=1']
-  prepare.main(args + [f'--out={tmp_path}/clean'])
+  prepare.main(args + [f'--out={tmp_path}/clean'], base.get_config())
   written = []
   original = token_prepare.write_marker
 
@@ -795,17 +795,18 @@ def test_prepare_resumes_after_interruption(tmp_path, monkeypatch):
 
   monkeypatch.setattr(token_prepare, 'write_marker', interrupted)
   with pytest.raises(KeyboardInterrupt):
-    prepare.main(args + [f'--out={tmp_path}/resumed'])
+    prepare.main(args + [f'--out={tmp_path}/resumed'], base.get_config())
   assert not os.path.exists(tmp_path / 'resumed' / token_shards.META)
   monkeypatch.setattr(token_prepare, 'write_marker', original)
   done = {name: os.path.getmtime(tmp_path / 'resumed' / token_shards.done_name(i))
           for i, name in enumerate(written)}
-  prepare.main(args + [f'--out={tmp_path}/resumed'])
+  prepare.main(args + [f'--out={tmp_path}/resumed'], base.get_config())
   assert _tree(tmp_path / 'resumed') == _tree(tmp_path / 'clean')
   assert done == {name: os.path.getmtime(tmp_path / 'resumed' / token_shards.done_name(i))
                   for i, name in enumerate(written)}  # finished units were not redone
   with pytest.raises(ValueError, match=r'holds a preparation of another source'):
-    prepare.main([f'--source={tmp_path}/[0-3].txt', f'--out={tmp_path}/resumed'])
+    prepare.main([f'--source={tmp_path}/[0-3].txt', f'--out={tmp_path}/resumed'],
+                 base.get_config())
 
 
 def test_prepare_from_a_tfds_dataset(tmp_path):
@@ -814,7 +815,7 @@ def test_prepare_from_a_tfds_dataset(tmp_path):
   out = str(tmp_path / 'tokens')
   args = ['--source=tfds:toy_lm', f'--tfds_data_dir={tfds_dir}', '--tfds_splits=train,test',
           '--text_key=sentence', '--workers=1']
-  prepare.main(args + [f'--out={out}'])
+  prepare.main(args + [f'--out={out}'], base.get_config())
   tokenizer = tokenizers.ByteTokenizer()
   source = tfds.builder('toy_lm', data_dir=tfds_dir).as_data_source('train')
   assert _shard_texts(out, tokenizer, 'train') == [  # in the dataset's stored order
@@ -829,4 +830,4 @@ def test_prepare_from_a_tfds_dataset(tmp_path):
     json.dump(content, f)
   with pytest.raises(ValueError, match=r'prepared as tfrecord.*pip install tensorflow.*\n.*'
                      r'tfds build toy_lm --data_dir=DIR --file_format=array_record'):
-    prepare.main(args + [f'--out={tmp_path}/tokens2'])
+    prepare.main(args + [f'--out={tmp_path}/tokens2'], base.get_config())

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 import train_runs
+from configs import base
 from hyperconn_jax import checkpoint, data, paths, rundir, sharding, train_lib
 from hyperconn_jax.analysis import runner
 
@@ -72,7 +73,8 @@ def test_train_kill_resume_eval_analyze_recover_in_a_bucket(gcs_bucket, tmp_path
                                                                   eval_batches=2)
   assert evaluated['step'] == train_runs.NUM_STEPS and np.isfinite(evaluated['eval_loss'])
   assert json.loads((run / f'eval_{train_runs.NUM_STEPS}.json').read_text()) == evaluated
-  analysed = runner.analyze_checkpoint(workdir, 'latest', analyses=('collapse',), num_batches=1)
+  analysed = runner.analyze_checkpoint(workdir, 'latest', defaults=base.get_config(),
+                                      analyses=('collapse',), num_batches=1)
   assert sorted(analysed['files']) == [f'{workdir}/analysis/collapse_{train_runs.NUM_STEPS}.json',
                                        f'{workdir}/analysis/collapse_{train_runs.NUM_STEPS}.png']
   assert all(epath.Path(p).stat().length > 0 for p in analysed['files'])

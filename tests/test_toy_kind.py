@@ -105,7 +105,8 @@ def test_a_kind_from_one_file_trains_evaluates_analyses_and_benchmarks(registere
   evaluated = eval_main.evaluate_checkpoint(workdir, 'latest')
   np.testing.assert_allclose(evaluated['eval_loss'], trained['eval_loss'], rtol=1e-5)
 
-  analysed = runner.analyze_checkpoint(workdir, 'latest', num_batches=1)
+  analysed = runner.analyze_checkpoint(workdir, 'latest', defaults=base.get_config(),
+                                       num_batches=1)
   c0 = np.asarray(analysed['connections']['C0'])
   assert c0.shape == (5, 5) and np.all(np.isfinite(c0))
   # Each sub-layer's output enters the stream with its gate (trained away from 0.5).

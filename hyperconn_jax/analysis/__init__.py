@@ -5,8 +5,9 @@
   diagnostics.collapse(...)             cosine similarity of adjacent layers' inputs
   diagnostics.gain(...)                 Amax gain of single and composite residual mixing
   diagnostics.coefficient_stats(...)    distributions of alpha / beta (H_pre / H_post / H_res)
-  runner.analyze_checkpoint(workdir)    all of them on validation text (JSON + PNG in
-                                        WORKDIR/analysis)
+  runner.analyze_checkpoint(workdir, defaults=base.get_config())
+                                        all of them on validation text (JSON + PNG in
+                                        WORKDIR/analysis; defaults from configs/base.py)
   runner.compare({label: results}, dir) overlay plots across checkpoints
   results                               sweep results: tables, loss curves, the markdown report
 

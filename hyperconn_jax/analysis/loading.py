@@ -13,28 +13,32 @@ from hyperconn_jax import cli, data, rundir, sharding
 from hyperconn_jax.analysis import trace
 
 
-def load_config(workdir: str, *, data_dir: str | None = None):
-  """The run's config (rundir.load_run_config) for a one-device mesh; unlocked."""
-  config = rundir.load_run_config(workdir)
+def load_config(workdir: str, defaults, *, data_dir: str | None = None):
+  """The run's config (rundir.load_run_config; `defaults`: configs/base.py's) for a one-device
+  mesh; unlocked."""
+  config = rundir.load_run_config(workdir, defaults)
   config.mesh.shape = (1,) * len(config.mesh.axes)
   if data_dir is not None:
     config.data.data_dir = data_dir
   return config
 
 
-def load_model(workdir: str, step: str | int = 'latest', *, data_dir: str | None = None):
+def load_model(workdir: str, step: str | int = 'latest', *, defaults,
+               data_dir: str | None = None):
   """Restores a checkpoint of the run in `workdir`.
 
   Args:
     workdir: the training run's working directory.
     step: 'latest', 'best' or a step number.
+    defaults: every config field's default (configs/base.py's get_config(); see
+      rundir.load_run_config).
     data_dir: where the run's dataset is prepared (default: the run's data.data_dir).
 
   Returns:
     (config, model in the loop layout with the restored parameters, the checkpoint step).
   """
   with cli.usage_errors():  # A wrong workdir or step, not a failure.
-    config = load_config(workdir, data_dir=data_dir)
+    config = load_config(workdir, defaults, data_dir=data_dir)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   rules = sharding.logical_rules(config.mesh)
   graphdef, restored, checkpoint_step = rundir.restore_model(workdir, config, step, mesh, rules)

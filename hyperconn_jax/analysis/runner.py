@@ -124,18 +124,20 @@ def read_written(out_dir: str, tag: str,
   return results
 
 
-def analyze_checkpoint(workdir: str, step: str | int = 'latest', *,
+def analyze_checkpoint(workdir: str, step: str | int = 'latest', *, defaults,
                        analyses: Iterable[str] = ANALYSES, num_batches: int = 2,
                        out_dir: str | None = None, data_dir: str | None = None,
                        label: str | None = None) -> dict[str, Any]:
   """Restores `step` of the run in `workdir`, analyses it on validation text and writes
-  <analysis>_<step>.json / .png into out_dir (default WORKDIR/analysis).
+  <analysis>_<step>.json / .png into out_dir (default WORKDIR/analysis). `defaults`: every config
+  field's default (configs/base.py's get_config(); see rundir.load_run_config).
 
   Returns:
     {analysis: result, 'num_tokens', 'step', 'files': the written paths}.
   """
   analyses = check_analyses(analyses)
-  config, model, checkpoint_step = loading.load_model(workdir, step, data_dir=data_dir)
+  config, model, checkpoint_step = loading.load_model(workdir, step, defaults=defaults,
+                                                         data_dir=data_dir)
   batches = loading.validation_batches(config, num_batches)
   results = analyze_model(model, batches, analyses)
   label = label or os.path.basename(os.path.normpath(workdir))

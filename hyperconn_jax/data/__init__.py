@@ -12,7 +12,7 @@ text files) or any prepared TFDS dataset, read through grain (no TensorFlow). Cl
                                             -> DatasetIterator
 
 Prepare (token shards from text / jsonl / parquet files or a TFDS dataset, or a TFDS dataset) from the
-command line with `python -m hyperconn_jax.data.prepare` (see prepare.py).
+command line with `python prepare.py` (hyperconn_jax/data/prepare.py).
 """
 
 from hyperconn_jax import tasks

@@ -64,7 +64,7 @@ def validate(data_config) -> None:
   if data_config.dataset == 'tokens' and not data_config.data_dir:
     raise ValueError(
         "data.data_dir='' but data.dataset='tokens' reads the token shards written by "
-        '`python -m hyperconn_jax.data.prepare --out=DIR` from data.data_dir=DIR.')
+        '`python prepare.py --out=DIR` from data.data_dir=DIR.')
   if data_config.dataset == 'text_files':
     if not data_config.text_glob:
       raise ValueError(

@@ -47,16 +47,16 @@ def resolve_data_dir(data_config) -> str:
 def prepare_command(data_config) -> str:
   """Returns the shell command that prepares the dataset of data_config."""
   if data_config.dataset == TOKENS:
-    return ("python -m hyperconn_jax.data.prepare --source='FILES_OR_tfds:NAME' "
+    return ("python prepare.py --source='FILES_OR_tfds:NAME' "
             f'--out={data_config.data_dir} --tokenizer={data_config.tokenizer} '
             f'--tokenizer_path={data_config.tokenizer_path}')
   data_dir = resolve_data_dir(data_config)
   if data_config.dataset == 'stdlib':
-    return f'python -m hyperconn_jax.data.prepare --dataset=stdlib --data_dir={data_dir}'
+    return f'python prepare.py --dataset=stdlib --data_dir={data_dir}'
   if data_config.dataset == 'text_files':
-    return (f"python -m hyperconn_jax.data.prepare --dataset=text_files "
+    return (f"python prepare.py --dataset=text_files "
             f"--text_glob='{data_config.text_glob}' --data_dir={data_dir}")
-  return (f'python -m hyperconn_jax.data.prepare --dataset={data_config.dataset} '
+  return (f'python prepare.py --dataset={data_config.dataset} '
           f'--data_dir={data_dir}')
 
 
