@@ -67,9 +67,10 @@ _NOTE = flags.DEFINE_string('note', '', 'A sentence added to the report\'s setup
                             'machine was shared).')
 
 
-def _analyze(collected, out_dir):
+def _analyze(collected, out_dir, defaults):
   """Analyses the first seed of every experiment (at its best learning rate) per corpus (reusing
   what an earlier invocation wrote into out_dir); returns ({corpus: PNG paths}, {corpus: tokens}).
+  `defaults`: configs/base.py's config (for rundir.load_run_config).
   """
   from hyperconn_jax import sweep  # pylint: disable=g-import-not-at-top
   from hyperconn_jax.analysis import runner  # pylint: disable=g-import-not-at-top
@@ -84,7 +85,8 @@ def _analyze(collected, out_dir):
       step = sweep.num_steps(run.workdir)  # A finished run's last checkpoint.
       exp_dir = os.path.join(corpus_dir, 'analysis', exp, *run.lr_dirs)
       r = runner.read_written(exp_dir, str(step)) or runner.analyze_checkpoint(
-          run.workdir, step, num_batches=_ANALYSIS_BATCHES.value, out_dir=exp_dir, label=exp)
+          run.workdir, step, defaults=defaults, num_batches=_ANALYSIS_BATCHES.value,
+          out_dir=exp_dir, label=exp)
       results[exp] = r
       tokens[corpus] = r['num_tokens']
       files.setdefault(corpus, []).extend(p for p in r['files'] if p.endswith('.png'))
@@ -122,10 +124,10 @@ def main(argv):
     raise app.UsageError(f'--discussion={_DISCUSSION.value!r} is not a file')
   workroot = _WORKROOT.value or os.path.join('workdirs', 'sweeps', _SUITE.value.replace(',', '_'))
   with cli.usage_errors():
-    experiments = sweep.suite(_SUITE.value)
+    experiments = sweep.suite(_SUITE.value, paper)
     corpora = [sweep.prepare_corpus(spec) for spec in _CORPORA.value]
-    runs = sweep.plan(experiments, _SEEDS.value, corpora, workroot, size=_SIZE.value,
-                      overrides=sweep.parse_overrides(_SET.value, _SIZE.value),
+    runs = sweep.plan(paper, experiments, _SEEDS.value, corpora, workroot, size=_SIZE.value,
+                      overrides=sweep.parse_overrides(_SET.value, paper, _SIZE.value),
                       lr_grid=_lr_grid(_LR_GRID.value))
   if _PRINT.value:
     for run in runs:
@@ -157,7 +159,8 @@ def main(argv):
   analysis_files, analysis_tokens = ({}, {})
   if _ANALYZE.value:
     analysis_files, analysis_tokens = _analyze(
-        {corpus: result['best'] for corpus, result in corpus_results.items()}, out_dir)
+        {corpus: result['best'] for corpus, result in corpus_results.items()}, out_dir,
+        paper.defaults())
   if _REPORT.value:
     results.write_report(_REPORT.value, command=command, collected=collected,
                          corpus_results=corpus_results, analysis_files=analysis_files,

@@ -25,7 +25,12 @@ OLMo-1B shape at size=paper).
 import dataclasses
 import importlib
 
+from configs import base
 from hyperconn_jax import config_lib
+
+# This module is a sweep catalogue (hyperconn_jax/sweep.py's Catalogue): CONFIG_FILE, EXPERIMENTS,
+# SUITES, get_config and defaults. CONFIG_FILE: this file as train.py's --config takes it.
+CONFIG_FILE = 'configs/paper.py'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +149,11 @@ def describe() -> str:
     suites = ','.join(s for s, rows in SUITES.items() if name in rows)
     lines.append(f'{name:24s} {suites:32s} {exp.about}')
   return '\n'.join(lines)
+
+
+def defaults():
+  """Every config field's default (configs/base.py)."""
+  return base.get_config()
 
 
 def get_config(arg=None):

@@ -1,5 +1,8 @@
-"""Sweeps: a list of experiments (configs/paper.py) x seeds x corpora, run one after another in this
-process or printed as one train.py command per run for a cluster.
+"""Sweeps: a list of experiments of a catalogue (configs/paper.py) x seeds x corpora, run one after
+another in this process or printed as one train.py command per run for a cluster.
+
+The catalogue is passed in (library code does not import configs/): any object with the attributes
+of `Catalogue`, such as the configs/paper.py module itself.
 
 A run lives in WORKROOT/<corpus>/<experiment>/seed<s> (WORKROOT/<corpus>/<experiment>/lr<lr>/
 seed<s> with a learning-rate grid, each experiment trained at each rate). It is finished when its
@@ -36,15 +39,35 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Protocol
 
-from configs import paper
+import ml_collections
+
 from hyperconn_jax import cli, config_lib
 from hyperconn_jax import paths
 from hyperconn_jax import rundir
+from hyperconn_jax import train_lib
 from hyperconn_jax.data import builders
+from hyperconn_jax.data import sources
 
 RUN_FILE = 'sweep_run.json'
+
+
+class Catalogue(Protocol):
+  """The experiments a sweep draws from; the configs/paper.py module is one."""
+  # The catalogue's config file as train.py's --config takes it (for the printed commands).
+  CONFIG_FILE: str
+  # Experiment name -> its description (the sweep reads only the names; reports read `.about`).
+  EXPERIMENTS: Mapping[str, Any]
+  # Suite name -> its experiments, the baseline first.
+  SUITES: Mapping[str, tuple[str, ...]]
+
+  def get_config(self, arg: str) -> ml_collections.ConfigDict:
+    """The config of 'experiment=E,size=S' (either may be left out)."""
+
+  def defaults(self) -> ml_collections.ConfigDict:
+    """Every config field's default (configs/base.py): what a field missing from an older run's
+    config.json held."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +79,7 @@ class Corpus:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
+  catalogue: Catalogue = dataclasses.field(repr=False)
   corpus: Corpus
   experiment: str
   seed: int
@@ -83,13 +107,14 @@ class Run:
         self.overrides + lr
 
 
-def suite(name: str) -> tuple[str, ...]:
-  """The experiments of a suite of configs/paper.py, or a comma-separated list of experiments."""
-  names = paper.SUITES.get(name, tuple(filter(None, name.split(','))))
+def suite(name: str, catalogue: Catalogue) -> tuple[str, ...]:
+  """The experiments of a suite of the catalogue, or a comma-separated list of experiments."""
+  names = catalogue.SUITES.get(name, tuple(filter(None, name.split(','))))
   for exp in names:
-    if exp not in paper.EXPERIMENTS:
-      raise ValueError(f'--suite={name!r}: {exp!r} is neither a suite ({", ".join(paper.SUITES)})'
-                       f' nor an experiment of configs/paper.py')
+    if exp not in catalogue.EXPERIMENTS:
+      raise ValueError(f'--suite={name!r}: {exp!r} is neither a suite '
+                       f'({", ".join(catalogue.SUITES)}) nor an experiment of '
+                       f'{catalogue.CONFIG_FILE}')
   return names
 
 
@@ -108,9 +133,10 @@ def prepare_corpus(spec: str) -> Corpus:
   return Corpus(name, (('data.dataset', 'text_files'), ('data.text_glob', path)))
 
 
-def parse_overrides(items: list[str], size: str = 'cpu') -> tuple[tuple[str, Any], ...]:
+def parse_overrides(items: list[str], catalogue: Catalogue,
+                    size: str = 'cpu') -> tuple[tuple[str, Any], ...]:
   """'train.num_steps=100' items -> ((path, typed value), ...), typed like the config's field."""
-  reference = paper.get_config(f'size={size}')
+  reference = catalogue.get_config(f'size={size}')
   out = []
   for item in items:
     path, sep, text = item.partition('=')
@@ -143,16 +169,16 @@ def _set(config, path: str, value) -> None:
   node[leaf] = value
 
 
-def plan(experiments: tuple[str, ...], seeds: int, corpora: list[Corpus], workroot: str, *,
-         size: str = 'cpu', overrides: tuple[tuple[str, Any], ...] = (),
+def plan(catalogue: Catalogue, experiments: tuple[str, ...], seeds: int, corpora: list[Corpus],
+         workroot: str, *, size: str = 'cpu', overrides: tuple[tuple[str, Any], ...] = (),
          lr_grid: tuple[float, ...] = ()) -> list[Run]:
-  """Every (corpus, experiment, learning rate of lr_grid, seed 0..seeds-1) run, corpus-major; an
-  empty lr_grid trains each experiment at its own optim.lr."""
+  """Every (corpus, experiment of the catalogue, learning rate of lr_grid, seed 0..seeds-1) run,
+  corpus-major; an empty lr_grid trains each experiment at its own optim.lr."""
   for lr in lr_grid:
     if not lr > 0:
       raise ValueError(f'--lr_grid: {lr!r} is not a learning rate > 0')
   root = os.path.abspath(workroot)
-  runs = [Run(corpus, exp, seed, '', size, overrides, lr) for corpus in corpora
+  runs = [Run(catalogue, corpus, exp, seed, '', size, overrides, lr) for corpus in corpora
           for exp in experiments for lr in (lr_grid or (None,)) for seed in range(seeds)]
   return [dataclasses.replace(run, workdir=os.path.join(root, *run.name.split('/')))
           for run in runs]
@@ -160,7 +186,7 @@ def plan(experiments: tuple[str, ...], seeds: int, corpora: list[Corpus], workro
 
 def make_config(run: Run):
   """The run's full, locked config."""
-  config = paper.get_config(run.config_arg)
+  config = run.catalogue.get_config(run.config_arg)
   for path, value in run.all_overrides():
     _set(config, path, value)
   return config
@@ -168,7 +194,7 @@ def make_config(run: Run):
 
 def train_args(run: Run, python: str = 'python', script: str = 'train.py') -> list[str]:
   """The train.py command line (argv) that performs `run`."""
-  args = [python, script, f'--config=configs/paper.py:{run.config_arg}']
+  args = [python, script, f'--config={run.catalogue.CONFIG_FILE}:{run.config_arg}']
   for path, value in run.all_overrides():
     text = str(value) if not isinstance(value, bool) else str(value).lower()
     args.append(f'--config.{path}={text}')
@@ -202,14 +228,30 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def config_mismatch(workdir: str, config) -> list[str]:
-  """The config fields whose value in WORKDIR/config.json differs from `config` ('a.b: saved ->
-  planned'); [] when they agree or the run has not started."""
-  saved = _saved_config(workdir)
-  if saved is None:
+def _fields_that_matter(config, kinds: set[str]) -> dict[str, Any]:
+  """The config's fields as {'a.b': value}, with the options of the connection kinds in `kinds`
+  only (a kind reads only its own sub-config)."""
+  tree = rundir.config_to_json(config)
+  connection = tree['model']['connection']
+  tree['model']['connection'] = {key: value for key, value in connection.items()
+                                 if not isinstance(value, dict) or key in kinds}
+  return _flatten(tree)
+
+
+def config_mismatch(workdir: str, config, defaults) -> list[str]:
+  """The config fields whose value in the run of WORKDIR differs from `config` ('a.b: saved ->
+  planned'); [] when they agree or the run has not started.
+
+  The run's config is read as rundir.load_run_config reads it: an older run's config.json is
+  migrated to today's layout and the fields it lacks take their `defaults` (configs/base.py's).
+  A connection kind's options are compared only when both use that kind.
+  """
+  if not (paths.as_path(workdir) / rundir.CONFIG_FILE).exists():
     return []
-  saved = _flatten(saved)
-  planned = _flatten(json.loads(config.to_json()))
+  run_config = rundir.load_run_config(workdir, defaults)
+  kinds = {config.model.connection.kind} & {run_config.model.connection.kind}
+  saved = _fields_that_matter(run_config, kinds)
+  planned = _fields_that_matter(config, kinds)
   return [f'{key}: {saved.get(key, "(absent)")!r} -> {planned.get(key, "(absent)")!r}'
           for key in sorted(set(saved) | set(planned)) if saved.get(key) != planned.get(key)]
 
@@ -346,7 +388,7 @@ def execute(runs: list[Run], *, jobs: int = 1,
     config = make_config(run)
     with cli.usage_errors():
       config_lib.validate(config)
-    mismatch = config_mismatch(run.workdir, config)
+    mismatch = config_mismatch(run.workdir, config, run.catalogue.defaults())
     if mismatch:
       stale.append(f'{run.workdir}: ' + '; '.join(mismatch[:5]) +
                    (f'; and {len(mismatch) - 5} more' if len(mismatch) > 5 else ''))
@@ -375,9 +417,7 @@ def execute(runs: list[Run], *, jobs: int = 1,
 def _train_in_process(todo, train_fn, log, stop) -> int:
   """Trains the (name, run, config) of `todo` one after another until a run returns unfinished
   (train_lib stopped it on SIGTERM) or a stop is requested; returns how many finished."""
-  if train_fn is None:
-    from hyperconn_jax import train_lib  # pylint: disable=g-import-not-at-top
-    train_fn = train_lib.train_and_evaluate
+  train_fn = train_fn or train_lib.train_and_evaluate
   trained = 0
   for name, run, config in todo:
     if stop.requested:
@@ -397,7 +437,6 @@ def _train_in_subprocesses(todo, jobs, launch_fn, log, stop) -> int:
   finished (RuntimeError naming the failed ones, once all ended). On a stop request no run
   starts, and on `stop.now` the running ones get SIGTERM (they save and exit)."""
   if launch_fn is None:
-    from hyperconn_jax.data import sources  # pylint: disable=g-import-not-at-top
     prepared = set()
     for _, run, config in todo:
       if run.corpus.name not in prepared:

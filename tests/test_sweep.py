@@ -67,10 +67,10 @@ def test_experiments_map_to_the_papers_switches():
 def test_plan_commands_and_overrides(tmp_path):
   corpus = sweep.Corpus('text', (('data.dataset', 'text_files'),
                                  ('data.text_glob', '/data/part_*.txt')))
-  overrides = sweep.parse_overrides(['train.num_steps=7', 'config.optim.lr=0.01'])
+  overrides = sweep.parse_overrides(['train.num_steps=7', 'config.optim.lr=0.01'], paper)
   assert overrides == (('train.num_steps', 7), ('optim.lr', 0.01))
-  runs = sweep.plan(sweep.suite('prenorm,dhc4'), 2, [corpus], str(tmp_path), size='tiny',
-                    overrides=overrides)
+  runs = sweep.plan(paper, sweep.suite('prenorm,dhc4', paper), 2, [corpus], str(tmp_path),
+                    size='tiny', overrides=overrides)
   assert [(r.experiment, r.seed) for r in runs] == [('prenorm', 0), ('prenorm', 1), ('dhc4', 0),
                                                     ('dhc4', 1)]
   assert runs[3].workdir == os.path.join(str(tmp_path), 'text', 'dhc4', 'seed1')
@@ -81,21 +81,21 @@ def test_plan_commands_and_overrides(tmp_path):
   assert '--config=configs/paper.py:experiment=dhc4,size=tiny' in cmd
   assert "'--config.data.text_glob=/data/part_*.txt'" in cmd  # Quoted for the shell.
   assert '--config.seed=1' in cmd and '--config.train.num_steps=7' in cmd
-  assert sweep.suite('hc_table3')[0] == 'dhc4'
+  assert sweep.suite('hc_table3', paper)[0] == 'dhc4'
   with pytest.raises(ValueError, match='neither a suite'):
-    sweep.suite('dhc4,nope')
+    sweep.suite('dhc4,nope', paper)
   with pytest.raises(ValueError, match='no field'):
-    sweep.parse_overrides(['train.num_stepz=3'])
+    sweep.parse_overrides(['train.num_stepz=3'], paper)
   # A learning-rate grid: every experiment at every rate, the rate applied after --set.
-  runs = sweep.plan(('prenorm',), 2, [corpus], str(tmp_path), size='tiny', overrides=overrides,
-                    lr_grid=(1e-3, 3e-3))
+  runs = sweep.plan(paper, ('prenorm',), 2, [corpus], str(tmp_path), size='tiny',
+                    overrides=overrides, lr_grid=(1e-3, 3e-3))
   assert [(r.lr, r.seed) for r in runs] == [(1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)]
   assert runs[3].workdir == os.path.join(str(tmp_path), 'text', 'prenorm', 'lr0.003', 'seed1')
   assert runs[3].name == 'text/prenorm/lr0.003/seed1'
   assert sweep.make_config(runs[3]).optim.lr == 3e-3
   assert sweep.command(runs[3]).endswith('--config.optim.lr=0.003 --workdir=' + runs[3].workdir)
   with pytest.raises(ValueError, match='--lr_grid'):
-    sweep.plan(('prenorm',), 1, [corpus], str(tmp_path), lr_grid=(0.0,))
+    sweep.plan(paper, ('prenorm',), 1, [corpus], str(tmp_path), lr_grid=(0.0,))
 
 
 def test_seed_pairs_data_order_and_shared_initial_weights(tmp_path):
@@ -103,7 +103,7 @@ def test_seed_pairs_data_order_and_shared_initial_weights(tmp_path):
   # they share, so their per-seed differences are paired (analysis/results.py).
   experiments = ('prenorm', 'dhc4', 'mhc4', 'dfc4')
   corpus = sweep.Corpus('stdlib', (('data.data_dir', str(tmp_path / 'tfds')),))
-  runs = sweep.plan(experiments, 2, [corpus], str(tmp_path), size='tiny')
+  runs = sweep.plan(paper, experiments, 2, [corpus], str(tmp_path), size='tiny')
   data.ensure_prepared(sweep.make_config(runs[0]))
   weights, batches = {}, {}
   for run in runs:
@@ -165,7 +165,8 @@ def fake_run(workdir, *, config=None, num_steps=20, losses=(3.0, 2.5), final=Non
 
 
 def test_execute_skips_finished_runs_and_records_wall_time(tmp_path):
-  runs = sweep.plan(('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path), size='tiny')
+  runs = sweep.plan(paper, ('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path),
+                    size='tiny')
   fake_run(runs[0].workdir, config=sweep.make_config(runs[0]), final=2.0)  # Finished.
   fake_run(runs[1].workdir, config=sweep.make_config(runs[1]))  # Started, not finished: resumes.
   assert sweep.is_finished(runs[0].workdir) and not sweep.is_finished(runs[1].workdir)
@@ -190,17 +191,47 @@ def test_execute_skips_finished_runs_and_records_wall_time(tmp_path):
 
 
 def test_execute_refuses_workdirs_of_another_config(tmp_path):
-  runs = sweep.plan(('prenorm', 'dhc4'), 1, [sweep.Corpus('stdlib')], str(tmp_path), size='tiny')
+  runs = sweep.plan(paper, ('prenorm', 'dhc4'), 1, [sweep.Corpus('stdlib')], str(tmp_path),
+                    size='tiny')
   fake_run(runs[0].workdir, config=sweep.make_config(runs[0]), final=2.0)
   fake_run(runs[1].workdir, final=2.0)  # A finished prenorm run where dhc4 belongs.
-  assert sweep.config_mismatch(runs[0].workdir, sweep.make_config(runs[0])) == []
+  assert sweep.config_mismatch(runs[0].workdir, sweep.make_config(runs[0]),
+                               paper.defaults()) == []
   with pytest.raises(ValueError, match=r"(?s)another config.*dhc4/seed0: model.connection.kind: "
                                        r"'residual_prenorm' -> 'hc'"):
     sweep.execute(runs, train_fn=lambda *_: pytest.fail('trained'), log=lambda _: None)
 
 
+def test_runs_of_older_config_layouts_are_recognised(tmp_path):
+  # A finished dhc4 run whose config.json predates the per-kind connection sub-configs (the flat
+  # layout) and checkpoint.keep_every: the same config as planned, so it is skipped, not refused.
+  runs = sweep.plan(paper, ('dhc4',), 1, [sweep.Corpus('stdlib')], str(tmp_path), size='tiny')
+  config = sweep.make_config(runs[0])
+  assert config.checkpoint.keep_every == paper.defaults().checkpoint.keep_every
+  fake_run(runs[0].workdir, config=config, final=2.0)
+  path = os.path.join(runs[0].workdir, 'config.json')
+  with open(path) as f:
+    saved = json.load(f)
+  saved['model']['connection'] = dict(helpers.OLD_CONNECTION, kind='hc', n=4, index_base=0)
+  del saved['checkpoint']['keep_every']
+
+  def save():
+    with open(path, 'w') as f:
+      json.dump(saved, f)
+
+  save()
+  assert sweep.config_mismatch(runs[0].workdir, config, paper.defaults()) == []
+  assert sweep.execute(runs, train_fn=lambda *_: pytest.fail('trained'),
+                       log=lambda _: None) == {'skipped': 1, 'trained': 0}
+  saved['model']['connection']['tanh'] = False  # DHC x4 without tanh: another experiment.
+  save()
+  assert sweep.config_mismatch(runs[0].workdir, config, paper.defaults()) == [
+      'model.connection.hc.tanh: False -> True']
+
+
 def test_parallel_execute_runs_subprocesses_and_reports_failures(tmp_path):
-  runs = sweep.plan(('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path), size='tiny')
+  runs = sweep.plan(paper, ('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path),
+                    size='tiny')
   fake_run(runs[0].workdir, config=sweep.make_config(runs[0]), final=2.0)  # Not launched.
   started = []
   # Each job writes a finished run, except dhc4 seed 1, whose process fails.
@@ -261,7 +292,7 @@ def test_report_from_synthetic_runs(tmp_path):
   # Final losses per (experiment, lr), seeds 0 and 1: prenorm is best at 1e-3, dhc4 at 3e-3.
   finals = {('prenorm', 1e-3): (2.0, 2.1), ('prenorm', 3e-3): (2.05, 2.2),
             ('dhc4', 1e-3): (1.9, 2.0), ('dhc4', 3e-3): (1.8, 1.85)}
-  runs = sweep.plan(('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path / 'runs'),
+  runs = sweep.plan(paper, ('prenorm', 'dhc4'), 2, [sweep.Corpus('stdlib')], str(tmp_path / 'runs'),
                     size='tiny', lr_grid=(1e-3, 3e-3))
   for run in runs:
     config = sweep.make_config(run)
