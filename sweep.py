@@ -13,13 +13,13 @@ The report (docs/results.md; hours on a 2-core CPU):
     --corpora=stdlib,/path/to/tinyshakespeare.txt --workroot=workdirs/report \
     --out=docs/results --report=docs/results.md
 
-Runs go to WORKROOT/<corpus>/<experiment>/seed<s>; finished runs are skipped and unfinished ones
-resume, so the same command continues an interrupted sweep. SIGTERM or a second Ctrl-C stops the
-sweep after the runs in training have saved a checkpoint (the first Ctrl-C: after they finish) and
-prints that command. With --print_commands nothing is trained: run the printed commands anywhere
-(they share WORKROOT), then run the sweep command again without --print_commands to collect the
-results. A corpus is 'stdlib', a text file or a glob of text files
-(data.dataset='text_files').
+Runs go to WORKROOT/<corpus>/<experiment>/seed<s> (WORKROOT, --out and --report may be gs:// or
+any etils.epath URL); finished runs are skipped and unfinished ones resume, so the same command
+continues an interrupted sweep. SIGTERM or a second Ctrl-C stops the sweep after the runs in
+training have saved a checkpoint (the first Ctrl-C: after they finish) and prints that command.
+With --print_commands nothing is trained: run the printed commands anywhere (they share
+WORKROOT), then run the sweep command again without --print_commands to collect the results. A
+corpus is 'stdlib', a text file or a glob of text files (data.dataset='text_files'; local).
 """
 
 import os
@@ -32,6 +32,7 @@ from absl import logging
 
 from hyperconn_jax import cli
 from hyperconn_jax import metrics
+from hyperconn_jax import paths
 
 _SUITE = flags.DEFINE_string('suite', None, 'A suite of configs/paper.py SUITES, or a comma-'
                              'separated list of experiments (the first is the baseline).',
@@ -77,13 +78,13 @@ def _analyze(collected, out_dir, defaults):
   files, tokens = {}, {}
   for corpus, by_exp in collected.items():
     results = {}
-    corpus_dir = os.path.join(out_dir, corpus)
+    corpus_dir = os.fspath(paths.as_path(out_dir) / corpus)
     for exp, runs in by_exp.items():
       if not runs:
         continue
       run = runs[0]['run']
       step = sweep.num_steps(run.workdir)  # A finished run's last checkpoint.
-      exp_dir = os.path.join(corpus_dir, 'analysis', exp, *run.lr_dirs)
+      exp_dir = os.fspath(paths.as_path(corpus_dir).joinpath('analysis', exp, *run.lr_dirs))
       r = runner.read_written(exp_dir, str(step)) or runner.analyze_checkpoint(
           run.workdir, step, defaults=defaults, num_batches=_ANALYSIS_BATCHES.value,
           out_dir=exp_dir, label=exp)
@@ -96,11 +97,8 @@ def _analyze(collected, out_dir, defaults):
 
 
 def _read(path: str) -> str:
-  """The text of the file at `path` ('' for no path)."""
-  if not path:
-    return ''
-  with open(path, encoding='utf-8') as f:
-    return f.read().strip()
+  """The text of the file at `path` (a local path or a URL; '' for no path)."""
+  return paths.as_path(path).read_text(encoding='utf-8').strip() if path else ''
 
 
 def _lr_grid(items: list[str]) -> tuple[float, ...]:
@@ -120,7 +118,7 @@ def main(argv):
   from hyperconn_jax.analysis import results  # pylint: disable=g-import-not-at-top
   from hyperconn_jax.models import sizes  # pylint: disable=g-import-not-at-top
 
-  if _DISCUSSION.value and not os.path.isfile(_DISCUSSION.value):
+  if _DISCUSSION.value and not paths.as_path(_DISCUSSION.value).is_file():
     raise app.UsageError(f'--discussion={_DISCUSSION.value!r} is not a file')
   workroot = _WORKROOT.value or os.path.join('workdirs', 'sweeps', _SUITE.value.replace(',', '_'))
   with cli.usage_errors():
@@ -144,7 +142,7 @@ def main(argv):
   logging.info('Sweep: %d trained, %d already finished.', counts['trained'], counts['skipped'])
 
   collected = results.collect(runs)
-  out_dir = _OUT.value or os.path.join(workroot, 'results')
+  out_dir = _OUT.value or os.fspath(paths.as_path(workroot) / 'results')
   baseline = experiments[0]
   about = {e: paper.EXPERIMENTS[e].about for e in experiments}
   first = {}

@@ -5,7 +5,9 @@ The catalogue is passed in (library code does not import configs/): any object w
 of `Catalogue`, such as the configs/paper.py module itself.
 
 A run lives in WORKROOT/<corpus>/<experiment>/seed<s> (WORKROOT/<corpus>/<experiment>/lr<lr>/
-seed<s> with a learning-rate grid, each experiment trained at each rate). It is finished when its
+seed<s> with a learning-rate grid, each experiment trained at each rate). WORKROOT is a local path
+or any etils.epath URL (gs://bucket/sweep): every file the sweep reads or writes goes through
+etils.epath, a train.py subprocess's log included (`log_path`). It is finished when its
 metrics.jsonl holds an evaluation at the config's last step (train.num_steps); finished runs are
 skipped, unfinished ones resume from their latest checkpoint (train_lib's usual resume). A workdir
 whose config.json differs from the planned config is an error, never silently reused or
@@ -32,15 +34,17 @@ file needs no special case).
 import ast
 import dataclasses
 import glob
-import json
+import hashlib
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Protocol
 
+from etils import epath
 import ml_collections
 
 from hyperconn_jax import cli, config_lib
@@ -51,6 +55,7 @@ from hyperconn_jax.data import builders
 from hyperconn_jax.data import sources
 
 RUN_FILE = 'sweep_run.json'
+LOG_FILE = 'train.log'
 
 
 class Catalogue(Protocol):
@@ -177,10 +182,10 @@ def plan(catalogue: Catalogue, experiments: tuple[str, ...], seeds: int, corpora
   for lr in lr_grid:
     if not lr > 0:
       raise ValueError(f'--lr_grid: {lr!r} is not a learning rate > 0')
-  root = os.path.abspath(workroot)
+  root = paths.as_path(workroot)
   runs = [Run(catalogue, corpus, exp, seed, '', size, overrides, lr) for corpus in corpora
           for exp in experiments for lr in (lr_grid or (None,)) for seed in range(seeds)]
-  return [dataclasses.replace(run, workdir=os.path.join(root, *run.name.split('/')))
+  return [dataclasses.replace(run, workdir=os.fspath(root.joinpath(*run.name.split('/'))))
           for run in runs]
 
 
@@ -263,28 +268,55 @@ def is_finished(workdir: str) -> bool:
                                   for r in rundir.read_metrics(workdir))
 
 
+def wall_time(workdir: str) -> float | None:
+  """The training wall time WORKDIR/sweep_run.json records (None if it has none)."""
+  path = paths.as_path(workdir) / RUN_FILE
+  return rundir.read_json(path)['wall_s'] if path.exists() else None
+
+
 def _record_wall_time(run: Run, wall_s: float) -> None:
   """Adds wall_s to WORKDIR/sweep_run.json (summed over the invocations that trained the run)."""
-  path = os.path.join(run.workdir, RUN_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      wall_s += json.load(f)['wall_s']
-  with open(path, 'w') as f:
-    json.dump({'wall_s': wall_s, 'command': command(run)}, f)
+  rundir.write_json(paths.as_path(run.workdir) / RUN_FILE,
+                    {'wall_s': (wall_time(run.workdir) or 0.0) + wall_s, 'command': command(run)})
+
+
+def log_path(run: Run) -> epath.Path:
+  """Where launch_train's train.py writes its output: WORKDIR/train.log on a local disk. An object
+  store has no append, so for a URL workdir a local file, which `_save_log` appends to
+  WORKDIR/train.log when the process has ended (a sweep that dies first leaves it there, and the
+  next save of the run's log includes it)."""
+  workdir = paths.as_path(run.workdir)
+  if not paths.is_remote(workdir):
+    return workdir / LOG_FILE
+  key = hashlib.sha256(run.workdir.encode()).hexdigest()[:16]
+  return epath.Path(tempfile.gettempdir()) / 'hyperconn_sweep_logs' / key / LOG_FILE
+
+
+def _save_log(run: Run) -> None:
+  """Appends the local log of a run with a URL workdir to WORKDIR/train.log (one write of the
+  whole object) and deletes it; nothing to do for a local workdir or when there is no log."""
+  staged = log_path(run)
+  if not paths.is_remote(run.workdir) or not staged.exists():
+    return
+  target = paths.as_path(run.workdir) / LOG_FILE
+  target.write_bytes((target.read_bytes() if target.exists() else b'') + staged.read_bytes())
+  staged.unlink()
+  staged.parent.rmdir()
 
 
 def launch_train(run: Run) -> subprocess.Popen:
-  """Starts train.py for `run` in a subprocess, logging to WORKDIR/train.log.
+  """Starts train.py for `run` in a subprocess, its output appended to `log_path(run)`.
 
   The child does not preallocate accelerator memory, so several jobs can share one GPU, and
   ignores Ctrl-C (the terminal sends it to the whole process group): the sweep decides, and stops
   its children with SIGTERM, which makes them save a checkpoint first.
   """
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  os.makedirs(run.workdir, exist_ok=True)
   env = dict(os.environ)
   env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  with open(os.path.join(run.workdir, 'train.log'), 'ab') as log_file:
+  path = log_path(run)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('ab') as log_file:
     return subprocess.Popen(train_args(run, sys.executable, os.path.join(repo, 'train.py')),
                             cwd=repo, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                             preexec_fn=_ignore_ctrl_c)
@@ -453,11 +485,12 @@ def _train_in_subprocesses(todo, jobs, launch_fn, log, stop) -> int:
       signalled = True
     while pending and len(running) < jobs:
       name, run, _ = pending.pop(0)
-      log(f'{name}: training in {run.workdir} (log: train.log)')
+      log(f'{name}: training in {run.workdir} (log: {log_path(run)})')
       running[launch_fn(run)] = (name, run, time.perf_counter())
     time.sleep(0.2)
     for proc in [p for p in running if p.poll() is not None]:
       name, run, start = running.pop(proc)
+      _save_log(run)
       if proc.returncode == 0 and is_finished(run.workdir):
         _record_wall_time(run, time.perf_counter() - start)
         trained += 1
@@ -465,10 +498,10 @@ def _train_in_subprocesses(todo, jobs, launch_fn, log, stop) -> int:
       elif signalled and proc.returncode in (0, -signal.SIGTERM):
         # Stopped: saved its checkpoint (0), or ended before its training loop began.
         _record_wall_time(run, time.perf_counter() - start)
-        log(f'{name}: stopped (log: {os.path.join(run.workdir, "train.log")})')
+        log(f'{name}: stopped (log: {paths.as_path(run.workdir) / LOG_FILE})')
       else:
         failed.append(f'{name} (exit code {proc.returncode}; '
-                      f'{os.path.join(run.workdir, "train.log")})')
+                      f'{paths.as_path(run.workdir) / LOG_FILE})')
         log(f'{name}: FAILED, exit code {proc.returncode}')
   if failed:
     raise RuntimeError(f'{len(failed)} of {len(todo)} runs failed:\n  ' + '\n  '.join(failed))

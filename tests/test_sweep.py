@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from etils import epath
 from flax import nnx
 import numpy as np
 import pytest
@@ -432,3 +433,39 @@ def test_sweep_stops_on_sigterm_or_second_ctrl_c_and_says_how_to_resume(tmp_path
   assert 'Stopping after step' in text and 'with 2 of 2 runs unfinished' in text
   assert os.listdir(os.path.join(workdirs[0], 'checkpoints'))
   assert not os.path.exists(workdirs[1])
+
+
+def test_sweep_in_a_bucket(gcs_bucket, tmp_path):
+  # The whole sweep in gs:// (GCS emulator): two train.py jobs train into the bucket, their logs
+  # are copied there when they end, the tables and the report are written there, and the next
+  # call skips the finished runs.
+  workroot, report = f'{gcs_bucket}/sweep', f'{gcs_bucket}/docs/results.md'
+  steps = ['--set=train.num_steps=4', '--set=train.eval_every=4',
+           '--set=train.checkpoint_every=4', '--set=train.log_every=2']
+  argv = [sys.executable, 'sweep.py', '--suite=prenorm,dhc4', '--seeds=1', '--size=tiny',
+          *steps, f'--set=data.data_dir={tmp_path / "tfds"}', '--analyze=false', '--jobs=2',
+          f'--workroot={workroot}', f'--report={report}']
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # One CPU device (not the tests' 8): smaller compiles; sharded training is tested elsewhere.
+  done = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'))
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert 'Sweep: 2 trained, 0 already finished.' in done.stderr
+  runs = sweep.plan(paper, ('prenorm', 'dhc4'), 1, [sweep.Corpus('stdlib')], workroot,
+                    size='tiny', overrides=sweep.parse_overrides(
+                        [a.removeprefix('--set=') for a in steps] +
+                        [f'data.data_dir={tmp_path / "tfds"}'], paper, 'tiny'))
+  for run in runs:
+    assert run.workdir.startswith(f'{workroot}/stdlib/') and sweep.is_finished(run.workdir)
+    assert sweep.wall_time(run.workdir) > 0
+    assert 'Starting from scratch' in (epath.Path(run.workdir) / sweep.LOG_FILE).read_text()
+    assert not sweep.log_path(run).exists()  # The local copy is gone once in the bucket.
+  table = (epath.Path(workroot) / 'results' / 'results_stdlib.md').read_text()
+  assert '| prenorm |' in table and '| dhc4 |' in table
+  seeds = results.read_seed_csv(f'{workroot}/results/runs_stdlib.csv')['stdlib']
+  assert sorted(seeds) == ['dhc4', 'prenorm'] and all(len(v) == 1 for v in seeds.values())
+  text = epath.Path(report).read_text()
+  assert table.splitlines()[0] in text and '(../sweep/results/loss_stdlib.png)' in text
+  assert (epath.Path(workroot) / 'results' / 'loss_stdlib.png').stat().length > 0
+  assert sweep.execute(runs, train_fn=lambda *_: pytest.fail('trained'),
+                       log=lambda _: None) == {'skipped': 2, 'trained': 0}

@@ -10,13 +10,17 @@ when it exceeds twice the paired standard error; with fewer than two pairs no sp
 
 With a learning-rate grid, each variant is reported at its own best rate: the one with the lowest
 final validation loss averaged over that rate's seeds (`at_best_lr`).
+
+Every path (workdirs, the output directory, the report) is a local path or an etils.epath URL
+(gs://...); each file is written whole in one request.
 """
 
 import csv
 import datetime
-import json
+import io
 import math
 import os
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -41,11 +45,7 @@ def read_run(run: sweep.Run) -> dict[str, Any]:
   final = [r for r in rows if r['step'] == last and 'eval_loss' in r]
   if not final:
     raise ValueError(f'{run.workdir}: the run is not finished (no evaluation at step {last})')
-  wall_path = os.path.join(run.workdir, sweep.RUN_FILE)
-  wall_s = None
-  if os.path.exists(wall_path):
-    with open(wall_path) as f:
-      wall_s = json.load(f)['wall_s']
+  wall_s = sweep.wall_time(run.workdir)
   facts = rundir.read_run_facts(run.workdir)
   train = [(r['step'], r['loss']) for r in rows if 'loss' in r]
   evals = [(r['step'], r['eval_loss']) for r in rows if 'eval_loss' in r]
@@ -134,12 +134,11 @@ def read_seed_csv(path: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
   with the 'seed', 'lr', 'final', 'wall_s' and 'tokens_seen' (None) that `at_best_lr` and
   `table_rows` read: the tables again without the workdirs."""
   out: dict[str, dict[str, list]] = {}
-  with open(path, newline='') as f:
-    for row in csv.DictReader(f):
-      out.setdefault(row['corpus'], {}).setdefault(row['variant'], []).append({
-          'seed': int(row['seed']), 'lr': float(row['lr']),
-          'final': {k: float(row[k]) for k in METRICS},
-          'wall_s': float(row['wall_s']) if row['wall_s'] else None, 'tokens_seen': None})
+  for row in csv.DictReader(io.StringIO(paths.as_path(path).read_text(), newline='')):
+    out.setdefault(row['corpus'], {}).setdefault(row['variant'], []).append({
+        'seed': int(row['seed']), 'lr': float(row['lr']),
+        'final': {k: float(row[k]) for k in METRICS},
+        'wall_s': float(row['wall_s']) if row['wall_s'] else None, 'tokens_seen': None})
   return out
 
 
@@ -224,10 +223,11 @@ def lr_table(means: dict[str, dict[float, float]]) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: str, fields=None) -> None:
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(fields or rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, fieldnames=list(fields or rows[0]))
+  writer.writeheader()
+  writer.writerows(rows)
+  paths.as_path(path).write_text(text.getvalue())
 
 
 def curves(by_exp: dict[str, list[dict[str, Any]]]) -> dict[str, dict]:
@@ -282,18 +282,19 @@ def write_corpus_results(corpus: str, by_exp: dict[str, list[dict[str, Any]]], b
     {'rows', 'table' (markdown), 'lr_table' (markdown; '' with one rate), 'best' ({experiment:
     its runs at its best rate}), 'files'}.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  out = paths.as_path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   best, lr_means = at_best_lr(by_exp)
   rows = table_rows(best, baseline)
   table = markdown_table(rows, about, params)
   several = len({lr for by_lr in lr_means.values() for lr in by_lr}) > 1
   lrs = lr_table(lr_means) if several else ''
   md, csv_path, runs_path, png = (
-      os.path.join(out_dir, f'{name}_{corpus}.{ext}') for name, ext in
+      os.fspath(out / f'{name}_{corpus}.{ext}') for name, ext in
       (('results', 'md'), ('results', 'csv'), ('runs', 'csv'), ('loss', 'png')))
-  with open(md, 'w') as f:
-    f.write(table + '\n' + (f'\nFinal validation loss per learning rate (mean over seeds):\n\n'
-                            f'{lrs}\n' if lrs else ''))
+  paths.as_path(md).write_text(
+      table + '\n' + (f'\nFinal validation loss per learning rate (mean over seeds):\n\n{lrs}\n'
+                      if lrs else ''))
   write_csv(rows, csv_path)
   write_csv(seed_rows(corpus, by_exp), runs_path, SEED_FIELDS)
   plots.loss_curves(curves(best), png, f'{corpus}: loss per variant (mean over seeds, '
@@ -303,6 +304,14 @@ def write_corpus_results(corpus: str, by_exp: dict[str, list[dict[str, Any]]], b
 
 
 def _rel(path: str, start: str) -> str:
+  """The link from a file in directory `start` to `path`: relative when both are on the same
+  file system or in the same bucket, else `path` itself."""
+  scheme, _, rest = os.fspath(path).rpartition('://')
+  start_scheme, _, start_rest = os.fspath(start).rpartition('://')
+  if scheme != start_scheme or (scheme and rest.split('/')[0] != start_rest.split('/')[0]):
+    return os.fspath(path)
+  if scheme:
+    return posixpath.relpath(rest, start_rest)
   return os.path.relpath(path, start).replace(os.sep, '/')
 
 
@@ -323,7 +332,7 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
     note: a sentence appended to the setup's wall-time line (e.g. about a shared machine).
     discussion: markdown for a Discussion section after the setup ('' for none).
   """
-  start = os.path.dirname(os.path.abspath(path))
+  start = os.fspath(paths.as_path(path).parent)
   finished = [r for by_exp in collected.values() for runs in by_exp.values() for r in runs]
   if not finished:
     raise ValueError('no finished runs to report (run the sweep, or its printed commands, first)')
@@ -410,5 +419,4 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
           f'[{os.path.basename(p).rsplit("_", 1)[0]}]({_rel(p, start)})' for p in pngs)
                 for variant, pngs in by_variant.items()]
       lines.append('')
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines))
+  paths.as_path(path).write_text('\n'.join(lines))
