@@ -5,6 +5,7 @@ files themselves and the workdir (local or a bucket) are rundir.py's.
 On processes other than 0 every writer is a no-op, so callers never branch on the process index.
 """
 
+import importlib.metadata
 import json
 import logging as std_logging
 import os
@@ -120,7 +121,6 @@ class Progress:
 
 def library_versions() -> dict[str, str]:
   """Versions of the stack (python, jax, jaxlib, flax, optax, orbax, grain, numpy)."""
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
   versions = {'python': platform.python_version()}
   for dist in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy',
                'ml-collections', 'tensorflow-datasets'):

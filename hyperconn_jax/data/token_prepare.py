@@ -133,7 +133,7 @@ def _tfds_examples(unit: dict, data_dir: str):
       yield source[i]
     return
   try:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  (optional, heavy)
   except ImportError:
     raise ValueError(
         f"TFDS dataset {unit['tfds']!r} is prepared as {file_format.value}, which TFDS reads only "
@@ -166,7 +166,7 @@ def _documents(unit: dict, options: Options):
                              f'it has {sorted(record)}.')
           yield f'{rel}#{k}', record[text_key]
   else:
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (parquet sources only)
     with path.open('rb') as f:
       parquet = pq.ParquetFile(f)
       if text_key not in parquet.schema_arrow.names:

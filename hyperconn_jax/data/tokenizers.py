@@ -94,7 +94,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, path: str):
     try:
-      import sentencepiece  # pylint: disable=g-import-not-at-top
+      import sentencepiece  # pylint: disable=g-import-not-at-top  (optional: this tokenizer only)
     except ImportError:
       raise ValueError(
           "data.tokenizer='sentencepiece' needs the optional sentencepiece package: "
@@ -147,7 +147,7 @@ class HuggingFaceTokenizer(Tokenizer):
   HF_EOS_TOKENS among its special tokens. No special tokens are added around documents."""
 
   def __init__(self, path: str):
-    import tokenizers  # pylint: disable=g-import-not-at-top
+    import tokenizers  # pylint: disable=g-import-not-at-top  (only for this tokenizer)
     model = _read_model('huggingface', path)
     try:
       self._tok = tokenizers.Tokenizer.from_str(model.decode('utf-8'))
