@@ -7,7 +7,7 @@ of `Catalogue`, such as the configs/paper.py module itself.
 A run lives in WORKROOT/<corpus>/<experiment>/seed<s> (WORKROOT/<corpus>/<experiment>/lr<lr>/
 seed<s> with a learning-rate grid, each experiment trained at each rate). WORKROOT is a local path
 or any etils.epath URL (gs://bucket/sweep): every file the sweep reads or writes goes through
-etils.epath, a train.py subprocess's log included (`log_path`). It is finished when its
+etils.epath, a train.py subprocess's log included (`log_path`). A run is finished when its
 metrics.jsonl holds an evaluation at the config's last step (train.num_steps); finished runs are
 skipped, unfinished ones resume from their latest checkpoint (train_lib's usual resume). A workdir
 whose config.json differs from the planned config is an error, never silently reused or

@@ -4,6 +4,7 @@ cycle, and a function-local import is never of the project's own code (that woul
 and always says why it is local (an optional or heavy dependency)."""
 
 import ast
+import functools
 import os
 import re
 
@@ -47,6 +48,7 @@ def _imports(name: str, path: str, modules) -> list[tuple[ast.stmt, set[str], bo
   return out
 
 
+@functools.cache  # Parsed once for the three tests.
 def _graph():
   modules = _modules()
   return modules, {name: _imports(name, path, modules) for name, path in modules.items()}
