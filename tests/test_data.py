@@ -4,6 +4,7 @@ Most tests use the text_files builder on small generated files in which every wo
 is the tag 'dNNN' (NNN = i), so the document behind any piece of a batch can be read back.
 """
 
+import copy
 import glob
 import gzip
 import hashlib
@@ -14,6 +15,7 @@ import re
 import sys
 
 from etils import epath
+import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -21,8 +23,10 @@ import tensorflow_datasets as tfds
 
 from configs import base
 from hyperconn_jax import data
+from hyperconn_jax import paths
 from hyperconn_jax.data import builders
 from hyperconn_jax.data import iterator_state
+from hyperconn_jax.data import pipeline
 from hyperconn_jax.data import prepare
 from hyperconn_jax.data import sources
 from hyperconn_jax.data import token_prepare
@@ -586,6 +590,85 @@ def test_eval_sharded_by_rows(config):
   for batch, a, b in zip(whole, *parts):
     for key in batch:
       np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), batch[key])
+
+
+@pytest.fixture(scope='module')
+def token_config(corpus, tmp_path_factory):
+  """The corpus prepared as byte-level token shards (one shard per file: validation documents lie
+  in many shards), with half the documents held out."""
+  out = tmp_path_factory.mktemp('eval_tokens')
+  prepare.main([f'--source={corpus[0]}', f'--out={out}', '--eval_fraction=0.5', '--workers=1'],
+               base.get_config())
+  return _config('', str(out), dataset='tokens')
+
+
+def _eval_by_stream(config, process_index, process_count, batch_size, num_batches):
+  """The eval batches as every process read them before token shards were read by row: the
+  whole stream concatenated and split (grain's ConcatThenSplit), this process's rows kept."""
+  local = batch_size // process_count
+  ds = pipeline._documents(config, config.data.eval_split).to_iter_dataset()
+  ds = grain.experimental.ConcatThenSplitIterDataset(
+      ds, length_struct={'tokens': config.data.seq_len + 1})
+  ds = ds.map(pipeline._ToExample()).batch(
+      batch_size, drop_remainder=False,
+      batch_fn=pipeline._PadAndShard(batch_size, process_index, local))
+  return list(ds)[:num_batches] if num_batches > 0 else list(ds)
+
+
+@pytest.mark.parametrize('num_batches', [0, 2])
+def test_eval_from_token_shards_reads_only_the_processes_rows(token_config, monkeypatch,
+                                                               num_batches):
+  config, batch_size = token_config, 8
+  meta = token_shards.read_meta(config.data.data_dir)
+  shards = [s['name'] for s in meta['splits']['validation'] if s['num_docs']]
+  assert len(shards) > 4
+  reads = []
+  original = token_shards._Shard.read
+
+  def counted(shard, start, stop):
+    reads.append(stop - start)
+    return original(shard, start, stop)
+
+  monkeypatch.setattr(token_shards._Shard, 'read', counted)
+  monkeypatch.setattr(token_shards._Shard, '__getitem__', None)  # no whole documents
+  whole = list(data.make_eval_iterator(config, num_batches=num_batches, batch_size=batch_size))
+  monkeypatch.undo()
+  expected = _eval_by_stream(config, 0, 1, batch_size, num_batches)
+  _assert_same_batches(whole, expected)
+  assert all(b[k].dtype == e[k].dtype for b, e in zip(whole, expected) for k in b)
+  assert len(whole) == (num_batches or len(expected))
+  if not num_batches:  # the whole split: its last batch ends in padding rows
+    assert not whole[-1]['weights'][-1].any()
+  for count in (2, 4):
+    parts, read = [], []
+    for p in range(count):
+      reads.clear()
+      monkeypatch.setattr(token_shards._Shard, 'read', counted)
+      parts.append(list(data.make_eval_iterator(config, process_index=p, process_count=count,
+                                                num_batches=num_batches,
+                                                batch_size=batch_size)))
+      monkeypatch.undo()
+      read.append(sum(reads))
+      # Its own rows' tokens, no more: the weighted targets plus each row's first token.
+      assert read[p] == sum(int((b['weights'].sum(1) > 0).sum() + b['weights'].sum())
+                            for b in parts[p])
+    assert [len(part) for part in parts] == [len(whole)] * count
+    for batch, *pieces in zip(whole, *parts):
+      for key in batch:
+        np.testing.assert_array_equal(np.concatenate([x[key] for x in pieces]), batch[key])
+    if not num_batches:
+      assert sum(read) == meta['num_tokens']['validation']  # each token read once in all
+
+
+def test_eval_from_token_shards_in_a_bucket(token_config, gcs_bucket):
+  # Ranged reads of the .tokens objects (gcsfs) give the batches of the local memory map.
+  local = list(data.make_eval_iterator(token_config, process_index=1, process_count=2,
+                                       num_batches=0, batch_size=8))
+  config = copy.deepcopy(token_config)
+  config.data.data_dir = f'{gcs_bucket}/eval_tokens'
+  paths.copy_tree(epath.Path(token_config.data.data_dir), epath.Path(config.data.data_dir))
+  _assert_same_batches(list(data.make_eval_iterator(config, process_index=1, process_count=2,
+                                                    num_batches=0, batch_size=8)), local)
 
 
 def test_worker_processes_give_the_same_batches(config):

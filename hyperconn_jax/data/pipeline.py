@@ -30,9 +30,11 @@ Eval (finite, deterministic, restarts from the beginning on every call):
   b = B / process_count.
   Eval reads in this process (data.worker_count only applies to training). Unlike train, it splits
   by rows: every process yields the same number of batches and the union of their rows is exactly
-  what a single process sees, so eval metrics do not depend on the number of processes. Each
-  process tokenizes the eval stream up to the batches it yields (the eval split is small, or
-  limited by num_batches).
+  what a single process sees, so eval metrics do not depend on the number of processes. From token
+  shards a process reads only the tokens of its own rows (row r is tokens [r * (seq_len + 1),
+  (r + 1) * (seq_len + 1)) of the stream, found through the shards' token counts). Text is
+  tokenized on the fly, so there each process tokenizes the stream up to the batches it yields
+  and keeps its rows (the eval split is small, or limited by num_batches).
 
 Batches are dicts of numpy arrays: 'inputs' int32 [b, seq_len], 'targets' int32 [b, seq_len]
 (inputs shifted by one token), 'weights' float32 [b, seq_len] (0 on padding).
@@ -45,6 +47,7 @@ import numpy as np
 
 from hyperconn_jax.data import checks
 from hyperconn_jax.data import sources
+from hyperconn_jax.data import token_shards
 from hyperconn_jax.data import tokenizers
 
 
@@ -305,9 +308,9 @@ def _check_process(process_index: int, process_count: int) -> None:
     raise ValueError(f'process_index={process_index} not in [0, process_count={process_count}).')
 
 
-def _documents(config, split: str) -> grain.MapDataset:
-  """The split's documents as {'tokens': int32 ids, EOS last} (token shards as they are, text
-  tokenized on access), after checking the dataset is prepared and fits the model."""
+def _source(config, split: str):
+  """(the split's random-access source (sources.data_source), the tokenizer), after checking that
+  the dataset is prepared, not empty, and that its tokenizer fits the model."""
   data_config = config.data
   tokenizer = tokenizers.get_tokenizer(data_config)
   if config.model.vocab_size < tokenizer.vocab_size:
@@ -318,6 +321,14 @@ def _documents(config, split: str) -> grain.MapDataset:
   source = sources.data_source(data_config, split)
   if not len(source):
     raise ValueError(f'Split {split!r} of data.dataset={data_config.dataset!r} is empty.')
+  return source, tokenizer
+
+
+def _documents(config, split: str) -> grain.MapDataset:
+  """The split's documents as {'tokens': int32 ids, EOS last} (token shards as they are, text
+  tokenized on access), after the checks of _source."""
+  data_config = config.data
+  source, tokenizer = _source(config, split)
   docs = grain.MapDataset.source(source)
   if data_config.dataset == sources.TOKENS:
     return docs
@@ -445,6 +456,33 @@ def eval_local_batch_size(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
+class _EvalRows:
+  """Global eval batch j -> this process's rows of it, read from token shards by token offset.
+
+  The same rows as concatenating the split's documents and cutting the stream into rows of
+  seq_len + 1 tokens (ConcatThenSplit on the stream): row r is tokens [r * (L + 1),
+  (r + 1) * (L + 1)), the last one zero-padded with weight 0; rows past the last are zero rows.
+  So a process reads only the tokens of its own rows.
+  """
+
+  def __init__(self, source: token_shards.TokenSource, length: int, global_batch: int,
+               process_index: int, local_batch: int):
+    self._source = source
+    self._length = length
+    self._global_batch = global_batch
+    self._first_row = process_index * local_batch
+    self._local_batch = local_batch
+
+  def __call__(self, j: int) -> dict[str, np.ndarray]:
+    start = (j * self._global_batch + self._first_row) * self._length
+    tokens = self._source.read_tokens(start, start + self._local_batch * self._length)
+    padded = np.zeros(self._local_batch * self._length, np.int32)
+    padded[:len(tokens)] = tokens
+    real = np.arange(len(padded)) < len(tokens)
+    return _ToExample().map({'tokens': padded.reshape(self._local_batch, self._length),
+                             'tokens_segment_ids': real.reshape(self._local_batch, self._length)})
+
+
 def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1,
                        num_batches: int, batch_size: int) -> grain.DatasetIterator:
   """Returns a fresh iterator over the eval split (data.eval_split) from its beginning.
@@ -459,7 +497,8 @@ def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1
   Returns:
     A grain DatasetIterator of batches with batch_size / process_count rows, the same on
     every call; only the last batch may contain padding (weights 0). Every process yields the
-    same number of batches.
+    same number of batches. From token shards a process reads only its own rows' tokens; from
+    text it tokenizes the stream up to its last batch.
 
   Raises:
     ValueError: a bad config value or a dataset that is not prepared.
@@ -467,9 +506,18 @@ def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1
   data_config = config.data
   _check_process(process_index, process_count)
   local_batch = eval_local_batch_size(batch_size, process_count)
+  length = data_config.seq_len + 1
+  if data_config.dataset == sources.TOKENS:
+    source, _ = _source(config, data_config.eval_split)
+    rows = -(-source.num_tokens // length)
+    count = -(-rows // batch_size)
+    if num_batches > 0:
+      count = min(count, num_batches)
+    ds = grain.MapDataset.range(count).map(
+        _EvalRows(source, length, batch_size, process_index, local_batch))
+    return iter(ds.to_iter_dataset(_read_options(data_config)))
   ds = _documents(config, data_config.eval_split).to_iter_dataset(_read_options(data_config))
-  ds = grain_experimental.ConcatThenSplitIterDataset(
-      ds, length_struct={'tokens': data_config.seq_len + 1})
+  ds = grain_experimental.ConcatThenSplitIterDataset(ds, length_struct={'tokens': length})
   ds = ds.map(_ToExample()).batch(
       batch_size, drop_remainder=False,
       batch_fn=_PadAndShard(batch_size, process_index, local_batch))

@@ -110,6 +110,20 @@ class _Shard:
     start = int(self._ends[i - 1]) if i else 0
     return self._tokens[start:int(self._ends[i])].astype(np.int32)
 
+  def read(self, start: int, stop: int) -> np.ndarray:
+    """Tokens [start, stop) of the shard (int32): a slice when the shard is already open, else
+    one seek and read of the .tokens file (a ranged request in a bucket, not the whole object)."""
+    if self._tokens is not None:
+      return self._tokens[start:stop].astype(np.int32)
+    tokens = self._path.with_suffix('.tokens')
+    with tokens.open('rb') as f:
+      f.seek(start * self._dtype.itemsize)
+      raw = f.read((stop - start) * self._dtype.itemsize)
+    if len(raw) != (stop - start) * self._dtype.itemsize:
+      raise ValueError(f'{tokens} ends before token {stop}, which its meta.json counts: the shard '
+                       'is damaged; prepare it again.')
+    return np.frombuffer(raw, self._dtype).astype(np.int32)
+
   def __getstate__(self):  # Worker processes open their own.
     return {'_path': self._path, '_dtype': self._dtype}
 
@@ -126,6 +140,9 @@ class TokenSource:
     self._shards = [_Shard(directory / s['name'], meta['dtype']) for s in shards]
     self._starts = list(np.cumsum([0] + [s['num_docs'] for s in shards[:-1]]))
     self._len = sum(s['num_docs'] for s in shards)
+    # Where each shard's tokens start in the split's stream (its documents back to back).
+    self._token_starts = list(np.cumsum([0] + [s['num_tokens'] for s in shards], dtype=np.int64))
+    self.num_tokens = int(self._token_starts.pop())
 
   def __len__(self) -> int:
     return self._len
@@ -135,6 +152,21 @@ class TokenSource:
       raise IndexError(i)
     k = bisect.bisect_right(self._starts, i) - 1
     return {'tokens': self._shards[k][i - self._starts[k]]}
+
+  def read_tokens(self, start: int, stop: int) -> np.ndarray:
+    """Tokens [start, stop) of the split's stream (every document, EOS-terminated, in order), as
+    int32, reading only those tokens from the shards that hold them."""
+    start, stop = max(start, 0), min(stop, self.num_tokens)
+    if start >= stop:
+      return np.zeros(0, np.int32)
+    first = bisect.bisect_right(self._token_starts, start) - 1
+    last = bisect.bisect_right(self._token_starts, stop - 1) - 1
+    pieces = []
+    for k in range(first, last + 1):
+      offset = self._token_starts[k]
+      end = self._token_starts[k + 1] if k + 1 < len(self._shards) else self.num_tokens
+      pieces.append(self._shards[k].read(max(start, offset) - offset, min(stop, end) - offset))
+    return np.concatenate(pieces)
 
   def __repr__(self) -> str:
     return f'TokenSource({len(self._shards)} shards, {self._len} documents)'
