@@ -6,6 +6,7 @@
   python sweep.py --suite=dhc4,mhc4 --seeds=2 --set=train.num_steps=100 --workroot=/tmp/sw
   python sweep.py --suite=report --jobs=12 ...   # 12 train.py processes at once (e.g. one GPU)
   python sweep.py --suite=mhc_vs_hc --lr_grid=1e-3,3e-3,6e-3 ...   # each variant at its best lr
+  python sweep.py --suite=depth --lr_grid=1e-3,3e-3 --lr_grid_seeds=1 ...  # the grid on seed 0 only
 
 The report (docs/results.md; hours on a 2-core CPU):
 
@@ -49,6 +50,10 @@ _LR_GRID = flags.DEFINE_list('lr_grid', [], 'Learning rates (e.g. 1e-3,3e-3,6e-3
                              'trains at each; the tables report each experiment at its best rate '
                              '(lowest final validation loss averaged over seeds). Empty: each '
                              "experiment's own optim.lr.")
+_LR_GRID_SEEDS = flags.DEFINE_integer('lr_grid_seeds', 0, 'With --lr_grid: train the grid on '
+                                      'seeds 0 .. lr_grid_seeds-1 only, then the other seeds at '
+                                      "each experiment's best rate on those seeds (0: the grid on "
+                                      'every seed).')
 _JOBS = flags.DEFINE_integer('jobs', 1, 'Runs trained at once, each a train.py subprocess '
                             'logging to WORKDIR/train.log (CPU cores or one shared GPU; 1 trains '
                             'in this process).')
@@ -109,6 +114,23 @@ def _lr_grid(items: list[str]) -> tuple[float, ...]:
                          '1e-3,3e-3,6e-3') from None
 
 
+def _execute(runs, command: str) -> None:
+  """Trains the unfinished runs (or, with --print_commands, prints their commands and exits)."""
+  from hyperconn_jax import sweep  # pylint: disable=g-import-not-at-top
+  if _PRINT.value:
+    for run in runs:
+      if not sweep.is_finished(run.workdir):
+        print(sweep.command(run))
+    sys.exit(0)
+  try:
+    counts = sweep.execute(runs, jobs=_JOBS.value, log=logging.info)
+  except sweep.Stopped as e:
+    print(f'{e}.\nTo resume, run the same command again (finished runs are skipped, stopped ones '
+          f'resume from their latest checkpoint):\n  {command}', file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)  # As a shell reports a process ended by that signal.
+  logging.info('Sweep: %d trained, %d already finished.', counts['trained'], counts['skipped'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -121,25 +143,31 @@ def main(argv):
   if _DISCUSSION.value and not paths.as_path(_DISCUSSION.value).is_file():
     raise app.UsageError(f'--discussion={_DISCUSSION.value!r} is not a file')
   workroot = _WORKROOT.value or os.path.join('workdirs', 'sweeps', _SUITE.value.replace(',', '_'))
+  lr_grid = _lr_grid(_LR_GRID.value)
+  grid_seeds = min(_LR_GRID_SEEDS.value, _SEEDS.value) if lr_grid and _LR_GRID_SEEDS.value > 0 \
+      else _SEEDS.value
   with cli.usage_errors():
+    if _LR_GRID_SEEDS.value < 0:
+      raise ValueError(f'--lr_grid_seeds={_LR_GRID_SEEDS.value}: must be >= 0')
     experiments = sweep.suite(_SUITE.value, paper)
     corpora = [sweep.prepare_corpus(spec) for spec in _CORPORA.value]
-    runs = sweep.plan(paper, experiments, _SEEDS.value, corpora, workroot, size=_SIZE.value,
-                      overrides=sweep.parse_overrides(_SET.value, paper, _SIZE.value),
-                      lr_grid=_lr_grid(_LR_GRID.value))
-  if _PRINT.value:
-    for run in runs:
-      if not sweep.is_finished(run.workdir):
-        print(sweep.command(run))
-    return
+    overrides = sweep.parse_overrides(_SET.value, paper, _SIZE.value)
+    runs = sweep.plan(paper, experiments, grid_seeds, corpora, workroot, size=_SIZE.value,
+                      overrides=overrides, lr_grid=lr_grid)
   command = shlex.join(['python', 'sweep.py'] + sys.argv[1:])
-  try:
-    counts = sweep.execute(runs, jobs=_JOBS.value, log=logging.info)
-  except sweep.Stopped as e:
-    print(f'{e}.\nTo resume, run the same command again (finished runs are skipped, stopped ones '
-          f'resume from their latest checkpoint):\n  {command}', file=sys.stderr, flush=True)
-    sys.exit(128 + e.signum)  # As a shell reports a process ended by that signal.
-  logging.info('Sweep: %d trained, %d already finished.', counts['trained'], counts['skipped'])
+  _execute(runs, command)
+  if grid_seeds < _SEEDS.value:
+    # The other seeds at each experiment's best rate on the grid's seeds (the same protocol
+    # results.at_best_lr reports by).
+    for corpus in corpora:
+      best, _ = results.at_best_lr(results.collect(
+          [r for r in runs if r.corpus == corpus])[corpus.name])
+      for exp in experiments:
+        runs += [r for r in sweep.plan(paper, (exp,), _SEEDS.value, [corpus], workroot,
+                                       size=_SIZE.value, overrides=overrides,
+                                       lr_grid=(best[exp][0]['lr'],))
+                 if r.seed >= grid_seeds]
+    _execute(runs, command)
 
   collected = results.collect(runs)
   out_dir = _OUT.value or os.fspath(paths.as_path(workroot) / 'results')

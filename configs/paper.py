@@ -5,16 +5,19 @@ down.
   python train.py --config=configs/paper.py:experiment=dhc4,size=cpu --workdir=workdirs/dhc4
   python train.py --config=configs/paper.py:experiment=shc4,size=paper --workdir=gs://B/shc4
   python sweep.py --suite=hc_table1 --size=cpu --seeds=3 --workroot=workdirs/hc_table1
+  python sweep.py --suite=depth --size=cpu --seeds=3 --lr_grid=1e-3,3e-3 --lr_grid_seeds=1 ...
 
 Arguments (after ':', comma-separated key=value):
   experiment  a name of EXPERIMENTS (below); `python -c "from configs import paper;
               print(paper.describe())"` lists them with their tables
   size        paper: the paper's model and training setup (OLMo-1B; OLMo-7B for HC Table 5;
                      OLMoE-1B-7B for HC Table 6)
-              cpu:   a 4-layer d=128 byte-level model a 2-core CPU trains in minutes (configs/lm.py)
+              cpu:   a 4-layer d=128 byte-level model a 2-core CPU trains in minutes (configs/lm.py);
+                     the depth rows: d=64 at 4 to 32 blocks (DEPTH_CPU)
               tiny:  seconds-long runs for tests
 Every experiment is configs/lm.py's (or configs/moe.py's) switches plus a few overrides: this file
-holds one line per experiment and SUITES lists the rows of each table; nothing else is repeated.
+holds one line per experiment (the depth rows, <variant>_L<blocks>, are one generated line per
+variant and depth) and SUITES lists the rows of each table; nothing else is repeated.
 
 HC Table 6 (OLMoE-1B-7B, suite hc_table6) uses configs/moe.py; HC Table 4's related methods are
 the resi_dual and altup connection kinds. Not here: HC Table 4's PTB and two-hop rows; the mHC
@@ -42,6 +45,8 @@ class Experiment:
   about: str = ''
   # The config file whose switches lm_args are: 'lm' (configs/lm.py) or 'moe' (configs/moe.py).
   base: str = 'lm'
+  # Leaf overrides applied at size=cpu only, before `overrides` (the depth rows' narrow model).
+  cpu_overrides: tuple[tuple[str, object], ...] = ()
 
 
 def _hc(n, *, dynamic=True, tanh=True, **switches):
@@ -117,6 +122,30 @@ EXPERIMENTS = {
                              about='OLMoE-1B-7B DHC x4'),
 }
 
+# The depth suite (docs/results.md, Depth): HC section 1's seesaw (Post-Norm's vanishing gradients,
+# Pre-Norm's representation collapse) needs depth. Each variant at each depth; size=cpu makes the
+# model narrow and the steps small so that a 2-core CPU trains all 60 runs of 3 seeds in about an
+# hour; every run sees the same 80 x 8 x 64 tokens (a GPU: --set=train.num_steps=..., README).
+# Kept checkpoints (keep_every) let analysis/depth.py measure gradients along training. At
+# size=paper a row is OLMo-1B's shape with that many blocks.
+DEPTHS = (4, 8, 16, 32)
+DEPTH_VARIANTS = ('prenorm', 'postnorm', 'dhc4', 'mhc4', 'dfc4')
+DEPTH_CPU = (('model.d_model', 64), ('model.num_heads', 2), ('model.head_dim', 32),
+             ('model.mlp_dim', 256), ('data.seq_len', 64), ('train.batch_size', 8),
+             ('train.num_steps', 80), ('train.eval_every', 80), ('train.eval_batches', 16),
+             ('train.checkpoint_every', 20), ('checkpoint.keep_every', 20),
+             ('optim.warmup_steps', 8))
+
+
+def _deep(name, blocks):
+  exp = EXPERIMENTS[name]
+  return dataclasses.replace(exp, overrides=exp.overrides + (('model.num_layers', blocks),),
+                             about=f'{exp.about}, {blocks} blocks', cpu_overrides=DEPTH_CPU)
+
+
+EXPERIMENTS.update({f'{name}_L{blocks}': _deep(name, blocks) for blocks in DEPTHS
+                    for name in DEPTH_VARIANTS})
+
 # Suites (sweep.py --suite): the rows of each table; the first entry is the baseline of the table.
 SUITES = {
     'baselines': ('prenorm', 'postnorm'),
@@ -137,6 +166,8 @@ SUITES = {
     # docs/results.md: the CPU-scale comparison.
     'report': ('prenorm', 'shc4', 'dhc4', 'mhc4', 'mhc4_uniform', 'dfc4', 'dhc1', 'dhc2', 'dhc8',
                'resi_dual', 'altup2'),
+    # docs/results.md, Depth: shallow rows first (they finish first).
+    'depth': tuple(f'{name}_L{blocks}' for blocks in DEPTHS for name in DEPTH_VARIANTS),
 }
 
 SIZES = ('tiny', 'cpu', 'paper')
@@ -168,7 +199,7 @@ def get_config(arg=None):
   size = exp.paper_size if a.size == 'paper' else a.size
   module = importlib.import_module(f'configs.{exp.base}')
   c = module.get_config(f'{exp.lm_args},size={size}')
-  for path, value in exp.overrides:
+  for path, value in (exp.cpu_overrides if a.size == 'cpu' else ()) + exp.overrides:
     *parents, leaf = path.split('.')
     node = c
     for key in parents:
