@@ -19,7 +19,8 @@ any etils.epath URL); finished runs are skipped and unfinished ones resume, so t
 continues an interrupted sweep. SIGTERM or a second Ctrl-C stops the sweep after the runs in
 training have saved a checkpoint (the first Ctrl-C: after they finish) and prints that command.
 With --print_commands nothing is trained: run the printed commands anywhere (they share
-WORKROOT), then run the sweep command again without --print_commands to collect the results. A
+WORKROOT), then run the sweep command again without --print_commands to collect the results (with
+--lr_grid_seeds, it prints the grid's runs first and, once they finished, the other seeds'). A
 corpus is 'stdlib', a text file or a glob of text files (data.dataset='text_files'; local).
 """
 
@@ -57,8 +58,12 @@ _LR_GRID_SEEDS = flags.DEFINE_integer('lr_grid_seeds', 0, 'With --lr_grid: train
 _JOBS = flags.DEFINE_integer('jobs', 1, 'Runs trained at once, each a train.py subprocess '
                             'logging to WORKDIR/train.log (CPU cores or one shared GPU; 1 trains '
                             'in this process).')
+_TRAIN = flags.DEFINE_bool('train', True, 'Train the unfinished runs first. --notrain: only '
+                           'report on the runs that finished (a sweep stopped part-way; the '
+                           'tables count the seeds they have).')
 _PRINT = flags.DEFINE_bool('print_commands', False, 'Print one train.py command per unfinished '
-                           'run and exit.')
+                           'run and exit (with --lr_grid_seeds: the grid\'s runs until they '
+                           'finished, then the other seeds\').')
 _OUT = flags.DEFINE_string('out', None, 'Directory for tables, plots and analyses (default '
                            'WORKROOT/results).')
 _REPORT = flags.DEFINE_string('report', '', 'Also write the markdown report here '
@@ -67,6 +72,10 @@ _ANALYZE = flags.DEFINE_bool('analyze', True, 'Analyse seed 0 of each experiment
                              'connection matrices).')
 _ANALYSIS_BATCHES = flags.DEFINE_integer('analysis_batches', 4, 'Validation batches per '
                                          'analysis.')
+_DEPTH = flags.DEFINE_string('depth', '', 'Also write the depth study here (analysis/depth.py: '
+                             'loss, collapse, per-layer gradient norms and Amax gain against '
+                             'model.num_layers; <dir>/<corpus>/depth.md and plots), e.g. '
+                             'docs/results/depth for --suite=depth.')
 _DISCUSSION = flags.DEFINE_string('discussion', '', 'A markdown file whose text goes into the '
                                   "report's Discussion section (the author's reading of it).")
 _NOTE = flags.DEFINE_string('note', '', 'A sentence added to the report\'s setup (e.g. that the '
@@ -89,7 +98,7 @@ def _analyze(collected, out_dir, defaults):
         continue
       run = runs[0]['run']
       step = sweep.num_steps(run.workdir)  # A finished run's last checkpoint.
-      exp_dir = os.fspath(paths.as_path(corpus_dir).joinpath('analysis', exp, *run.lr_dirs))
+      exp_dir = _analysis_dir(corpus_dir, exp, run)
       r = runner.read_written(exp_dir, str(step)) or runner.analyze_checkpoint(
           run.workdir, step, defaults=defaults, num_batches=_ANALYSIS_BATCHES.value,
           out_dir=exp_dir, label=exp)
@@ -99,6 +108,26 @@ def _analyze(collected, out_dir, defaults):
     compare = runner.compare(results, corpus_dir)
     files[corpus] = [p for p in compare if p.endswith('.png')] + files.get(corpus, [])
   return files, tokens
+
+
+def _analysis_dir(corpus_dir: str, experiment: str, run) -> str:
+  return os.fspath(paths.as_path(corpus_dir).joinpath('analysis', experiment, *run.lr_dirs))
+
+
+def _depth(best_by_corpus, out_dir, baseline: str, defaults) -> None:
+  """Writes the depth study of each corpus into <--depth>/<corpus> (the analyses themselves go
+  where _analyze puts them, which reuses them); `baseline` is an experiment of the baseline
+  variant, `defaults` configs/base.py's config."""
+  from hyperconn_jax.analysis import depth  # pylint: disable=g-import-not-at-top
+  for corpus, best in best_by_corpus.items():
+    dirs = {exp: _analysis_dir(os.fspath(paths.as_path(out_dir) / corpus), exp, runs[0]['run'])
+            for exp, runs in best.items() if runs}
+    measured = depth.measure(best, dirs, defaults=defaults, num_batches=_ANALYSIS_BATCHES.value,
+                             log=logging.info)
+    variant = depth.variant_and_depth(baseline, best[baseline][0]['config'])[0]
+    rows = depth.table_rows(best, measured, baseline=variant)
+    files = depth.write(rows, measured, best, os.path.join(_DEPTH.value, corpus), variant)
+    print(f'\nDepth ({corpus}):\n{depth.markdown_table(rows, variant)}\nFiles: {", ".join(files)}')
 
 
 def _read(path: str) -> str:
@@ -114,14 +143,17 @@ def _lr_grid(items: list[str]) -> tuple[float, ...]:
                          '1e-3,3e-3,6e-3') from None
 
 
-def _execute(runs, command: str) -> None:
-  """Trains the unfinished runs (or, with --print_commands, prints their commands and exits)."""
+def _execute(runs, command: str) -> bool:
+  """Trains the unfinished runs (with --notrain, nothing); returns True. With --print_commands,
+  prints their commands instead, and returns whether there were none."""
   from hyperconn_jax import sweep  # pylint: disable=g-import-not-at-top
   if _PRINT.value:
-    for run in runs:
-      if not sweep.is_finished(run.workdir):
-        print(sweep.command(run))
-    sys.exit(0)
+    unfinished = [run for run in runs if not sweep.is_finished(run.workdir)]
+    for run in unfinished:
+      print(sweep.command(run))
+    return not unfinished
+  if not _TRAIN.value:
+    return True
   try:
     counts = sweep.execute(runs, jobs=_JOBS.value, log=logging.info)
   except sweep.Stopped as e:
@@ -129,6 +161,7 @@ def _execute(runs, command: str) -> None:
           f'resume from their latest checkpoint):\n  {command}', file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)  # As a shell reports a process ended by that signal.
   logging.info('Sweep: %d trained, %d already finished.', counts['trained'], counts['skipped'])
+  return True
 
 
 def main(argv):
@@ -155,19 +188,22 @@ def main(argv):
     runs = sweep.plan(paper, experiments, grid_seeds, corpora, workroot, size=_SIZE.value,
                       overrides=overrides, lr_grid=lr_grid)
   command = shlex.join(['python', 'sweep.py'] + sys.argv[1:])
-  _execute(runs, command)
+  if not _execute(runs, command):
+    return  # Commands printed: the grid first.
   if grid_seeds < _SEEDS.value:
     # The other seeds at each experiment's best rate on the grid's seeds (the same protocol
     # results.at_best_lr reports by).
     for corpus in corpora:
       best, _ = results.at_best_lr(results.collect(
           [r for r in runs if r.corpus == corpus])[corpus.name])
-      for exp in experiments:
+      for exp in (e for e in experiments if best[e]):  # --notrain: those with finished runs.
         runs += [r for r in sweep.plan(paper, (exp,), _SEEDS.value, [corpus], workroot,
                                        size=_SIZE.value, overrides=overrides,
                                        lr_grid=(best[exp][0]['lr'],))
                  if r.seed >= grid_seeds]
     _execute(runs, command)
+  if _PRINT.value:
+    return
 
   collected = results.collect(runs)
   out_dir = _OUT.value or os.fspath(paths.as_path(workroot) / 'results')
@@ -182,11 +218,12 @@ def main(argv):
     corpus_results[corpus] = results.write_corpus_results(corpus, by_exp, baseline, about, params,
                                                           out_dir)
     print(f'\n{corpus}:\n{corpus_results[corpus]["table"]}\n{corpus_results[corpus]["lr_table"]}')
+  best_by_corpus = {corpus: result['best'] for corpus, result in corpus_results.items()}
+  if _DEPTH.value:
+    _depth(best_by_corpus, out_dir, baseline, paper.defaults())
   analysis_files, analysis_tokens = ({}, {})
   if _ANALYZE.value:
-    analysis_files, analysis_tokens = _analyze(
-        {corpus: result['best'] for corpus, result in corpus_results.items()}, out_dir,
-        paper.defaults())
+    analysis_files, analysis_tokens = _analyze(best_by_corpus, out_dir, paper.defaults())
   if _REPORT.value:
     results.write_report(_REPORT.value, command=command, collected=collected,
                          corpus_results=corpus_results, analysis_files=analysis_files,

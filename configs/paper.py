@@ -124,10 +124,10 @@ EXPERIMENTS = {
 
 # The depth suite (docs/results.md, Depth): HC section 1's seesaw (Post-Norm's vanishing gradients,
 # Pre-Norm's representation collapse) needs depth. Each variant at each depth; size=cpu makes the
-# model narrow and the steps small so that a 2-core CPU trains all 60 runs of 3 seeds in about an
-# hour; every run sees the same 80 x 8 x 64 tokens (a GPU: --set=train.num_steps=..., README).
-# Kept checkpoints (keep_every) let analysis/depth.py measure gradients along training. At
-# size=paper a row is OLMo-1B's shape with that many blocks.
+# model narrow (d = 64) and the runs short (80 steps of 8 x 64 tokens, the same for every run: a
+# minute or two each on a free 2-core CPU; a GPU affords --set=train.num_steps=..., README). Kept
+# checkpoints (keep_every) let analysis/depth.py measure gradients along training. At size=paper a
+# row is OLMo-1B's shape with that many blocks.
 DEPTHS = (4, 8, 16, 32)
 DEPTH_VARIANTS = ('prenorm', 'postnorm', 'dhc4', 'mhc4', 'dfc4')
 DEPTH_CPU = (('model.d_model', 64), ('model.num_heads', 2), ('model.head_dim', 32),

@@ -5,6 +5,7 @@ tiny trained model."""
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 import numpy as np
@@ -13,8 +14,8 @@ import pytest
 import helpers
 from configs import base, lm
 from hyperconn_jax import connections as connections_lib
-from hyperconn_jax import train_lib
-from hyperconn_jax.analysis import diagnostics, runner, trace
+from hyperconn_jax import sweep, train_lib
+from hyperconn_jax.analysis import depth, diagnostics, gradients, loading, runner, trace
 from hyperconn_jax.models import build_model
 
 TOKENS_BxL = np.random.RandomState(0).randint(0, 256, (2, 16))
@@ -183,6 +184,52 @@ def test_analyze_checkpoint_writes_json_and_png(trained, tmp_path):
       'compare_collapse.json', 'compare_collapse.png', 'compare_gain.json', 'compare_gain.png']
   with pytest.raises(ValueError, match='unknown'):
     runner.check_analyses(['gains'])
+
+
+def _direct_branch_norms(model, batch, num_layers):
+  """Per sub-layer norms of jax.grad of the mean cross-entropy, written out independently."""
+  def loss(model):
+    logp = jax.nn.log_softmax(model(jnp.asarray(batch['inputs'])), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.asarray(batch['targets'])[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * batch['weights']) / jnp.sum(batch['weights'])
+  grads = nnx.grad(loss)(model)
+  norms = []
+  for layer in range(num_layers):
+    for part in ('attn', 'mlp'):
+      if model.scan_layers:  # Stacked: block `layer` is index `layer` of each leaf.
+        leaves = [g[layer] for g in jax.tree.leaves(grads['blocks'][part])]
+      else:
+        leaves = jax.tree.leaves(grads['blocks'][layer][part])
+      norms.append(float(np.sqrt(sum(np.sum(np.square(np.asarray(g))) for g in leaves))))
+  return norms
+
+
+def test_depth_measure_gradient_norms_match_jax_grad(trained, tmp_path):
+  # depth.measure: collapse and gain at the last step, gradients.checkpoint_gradient_norms at
+  # initialisation and every kept checkpoint; written once, then read back.
+  config = loading.load_config(trained)
+  run = {'run': sweep.Run(sweep.Corpus('c'), 'dhc2_L2', 0, trained, 'tiny'), 'seed': 0,
+         'config': json.loads(config.to_json())}
+  out = str(tmp_path / 'a')
+  measured = depth.measure({'dhc2_L2': [run]}, {'dhc2_L2': out}, num_batches=1,
+                           log=lambda _: None)['dhc2_L2']
+  norms = measured['gradients']
+  assert sorted(norms) == [0, 10]  # Initialisation and the run's one checkpoint.
+  assert len(measured['collapse']['median']) == 3 and len(measured['gain']['layer']) == 4
+  init = build_model(config.model, nnx.Rngs(config.seed))  # What training starts from.
+  batch = loading.validation_batches(config, 1)[0]
+  np.testing.assert_allclose(norms[0]['branch'], _direct_branch_norms(init, batch, 2), rtol=1e-4)
+  np.testing.assert_allclose(gradients.gradient_norms(init, config, [batch])['branch'],
+                             norms[0]['branch'], rtol=1e-5)  # The scanned layout too.
+  assert not np.allclose(norms[0]['branch'], norms[10]['branch'], rtol=1e-2)
+  # HC x2 has connection weights in every sub-layer; the whole gradient holds more than those.
+  assert all(c > 0 for c in norms[10]['connection']) and norms[10]['layer'] == [1, 2, 3, 4]
+  assert norms[10]['total'] > np.sqrt(np.sum(np.square(norms[10]['branch'])))
+  assert os.path.exists(os.path.join(out, depth.GRADIENTS_FILE))
+  again = depth.measure({'dhc2_L2': [run]}, {'dhc2_L2': out}, num_batches=1,
+                        log=lambda _: None)['dhc2_L2']
+  assert again['gradients'] == norms
+  np.testing.assert_allclose(again['collapse']['median'], measured['collapse']['median'])
 
 
 @pytest.mark.parametrize('model_kind', ['vit', 'moe'])

@@ -18,7 +18,7 @@ import pytest
 
 from configs import paper
 from hyperconn_jax import config_lib, data, models, rundir, sweep
-from hyperconn_jax.analysis import results
+from hyperconn_jax.analysis import depth, results
 import helpers
 
 
@@ -63,6 +63,29 @@ def test_experiments_map_to_the_papers_switches():
     paper.get_config('experiment=dhc3')
   with pytest.raises(ValueError, match='size'):
     paper.get_config('experiment=dhc4,size=huge')
+
+
+def test_depth_suite_is_every_variant_at_every_depth_on_the_same_tokens():
+  rows = paper.SUITES['depth']
+  assert len(rows) == len(paper.DEPTH_VARIANTS) * len(paper.DEPTHS) == 20
+  assert rows[:2] == ('prenorm_L4', 'postnorm_L4') and rows[-1] == 'dfc4_L32'
+  tokens = set()
+  for name in rows:
+    variant, blocks = name.rsplit('_L', 1)
+    cpu = paper.get_config(f'experiment={name},size=cpu')
+    config_lib.validate(cpu)
+    assert cpu.model.num_layers == int(blocks) and cpu.model.d_model == 64
+    # The variant's own connection, as its 4-block report row.
+    assert cpu.model.connection.to_dict() == paper.get_config(
+        f'experiment={variant},size=cpu').model.connection.to_dict()
+    assert cpu.checkpoint.keep_every > 0 and cpu.train.num_steps % cpu.checkpoint.keep_every == 0
+    tokens.add(cpu.train.num_steps * cpu.train.batch_size * cpu.data.seq_len)
+    tiny = paper.get_config(f'experiment={name},size=tiny')
+    assert (tiny.model.num_layers, tiny.model.d_model) == (int(blocks), 32)
+  assert tokens == {80 * 8 * 64}
+  assert 'prenorm_L32' in paper.describe() and '32 blocks' in paper.describe()
+  # The 4-block report rows keep their shape.
+  assert paper.get_config('experiment=prenorm,size=cpu').model.d_model == 128
 
 
 def test_plan_commands_and_overrides(tmp_path):
@@ -361,6 +384,91 @@ def test_report_from_synthetic_runs(tmp_path):
   assert '![compare_gain.png](results/stdlib/compare_gain.png)' in text
   assert ('- dhc4: [connections](results/stdlib/analysis/dhc4/lr0.003/connections_20.png) · '
           '[gain](results/stdlib/analysis/dhc4/lr0.003/gain_20.png)\n') in text
+
+
+def test_depth_tables_and_plots_from_synthetic_runs(tmp_path):
+  # sweep.py --lr_grid=1e-3,3e-3 --lr_grid_seeds=1: seed 0 at both rates, seeds 1 and 2 at seed
+  # 0's best. dhc4_L8's later seeds are worse, so averaging every seed would pick 1e-3 instead.
+  finals = {('prenorm_L4', 1e-3): {0: 2.0, 1: 2.1, 2: 2.2}, ('prenorm_L4', 3e-3): {0: 2.05},
+            ('dhc4_L4', 1e-3): {0: 1.95}, ('dhc4_L4', 3e-3): {0: 1.9, 1: 2.0, 2: 2.15},
+            ('prenorm_L8', 1e-3): {0: 2.5, 1: 2.4, 2: 2.6}, ('prenorm_L8', 3e-3): {0: 2.7},
+            ('dhc4_L8', 1e-3): {0: 2.0}, ('dhc4_L8', 3e-3): {0: 1.9, 1: 2.3, 2: 2.4}}
+  runs = [run for run in sweep.plan(('prenorm_L4', 'dhc4_L4', 'prenorm_L8', 'dhc4_L8'), 3,
+                                    [sweep.Corpus('stdlib')], str(tmp_path / 'runs'),
+                                    size='tiny', lr_grid=(1e-3, 3e-3))
+          if run.seed in finals[run.experiment, run.lr]]
+  for run in runs:
+    fake_run(run.workdir, config=sweep.make_config(run),
+             final=finals[run.experiment, run.lr][run.seed])
+  best, means = results.at_best_lr(results.collect(runs)['stdlib'])
+  assert means['dhc4_L8'] == {1e-3: 2.0, 3e-3: 1.9}  # Over seed 0, the seed of every rate.
+  assert [(r['lr'], r['seed']) for r in best['dhc4_L8']] == [(3e-3, 0), (3e-3, 1), (3e-3, 2)]
+
+  def measured(first, last, grads_init, grads_final):
+    """Collapse medians rising from `first` to `last`; gradients [K] at steps 0 and 40."""
+    k = len(grads_init)
+    return {'collapse': {'layer': list(range(2, k + 1)),
+                         'median': list(np.linspace(first, last, k - 1))},
+            'gain': {'composite_forward': [1.0] * (k - 1) + [3.0],
+                     'composite_backward': [1.0] * k},
+            'gradients': {0: {'branch': grads_init}, 40: {'branch': grads_final}}}
+
+  m = {'prenorm_L4': measured(0.5, 0.9, [4, 4, 2, 2, 1, 1, 1, 1], [2] * 8),
+       'dhc4_L4': measured(0.3, 0.5, [1] * 8, [1] * 8),
+       'prenorm_L8': measured(0.5, 0.95, [8, 8] + [1] * 14, [1, 3] + [1] * 14)}
+  rows = depth.table_rows(best, m)
+  assert [(r['depth'], r['variant']) for r in rows] == [
+      (4, 'prenorm'), (4, 'dhc4'), (8, 'prenorm'), (8, 'dhc4')]
+  by = {(r['variant'], r['depth']): r for r in rows}
+  # Paired with Pre-Norm at the same depth: -0.6, -0.1, -0.2 at 8 blocks.
+  assert by['dhc4', 8]['diff'] == pytest.approx(-0.3)
+  assert by['dhc4', 8]['diff_se'] == pytest.approx(np.std([-0.6, -0.1, -0.2], ddof=1) / 3 ** 0.5)
+  assert by['dhc4', 4]['diff'] == pytest.approx(-0.25 / 3)
+  assert by['dhc4', 4]['verdict'] == 'lower (beyond 2 SE)' and by['prenorm', 8]['lr'] == 1e-3
+  assert by['prenorm', 4]['cos_mean'] == pytest.approx(0.7)
+  assert by['prenorm', 4]['cos_second_half'] == pytest.approx(np.mean(
+      np.linspace(0.5, 0.9, 7)[3:]))
+  assert by['prenorm', 4]['grad_ratio_init'] == pytest.approx(4.0)
+  assert by['prenorm', 4]['grad_ratio_final'] == pytest.approx(1.0)
+  assert by['prenorm', 8]['grad_ratio_final'] == pytest.approx(2.0)
+  assert (by['prenorm', 8]['grad_min_final'], by['prenorm', 8]['grad_max_final']) == (1, 3)
+  assert (by['prenorm', 4]['gain_forward_max'], by['prenorm', 4]['gain_backward_max']) == (3, 1)
+  assert math.isnan(by['dhc4', 8]['cos_mean'])  # Not measured.
+  table = depth.markdown_table(rows)
+  assert ('| 8 | dhc4 | 0.003 | 3 | 2.2000 ± 0.2646 | -0.3000 ± 0.1528 | within 2 SE (seed noise) '
+          '| n/a / n/a |') in table
+  assert '| 4 | prenorm | 0.001 | 3 | 2.1000 ± 0.1000 | — | baseline | 0.700 / 0.' in table
+  files = depth.write(rows, m, best, str(tmp_path / 'depth'))
+  assert [os.path.basename(f) for f in files] == [
+      'depth.md', 'depth.csv', 'depth_runs.csv', 'depth_loss.png', 'depth_collapse.png',
+      'depth_gradients.png', 'depth_gain.png']
+  for f in files:
+    assert 0 < os.path.getsize(f) < 150_000, f
+  with open(files[2]) as f:
+    per_seed = list(csv.DictReader(f))
+  assert len(per_seed) == 12 and {r['depth'] for r in per_seed} == {'4', '8'}
+
+
+def test_lr_grid_seeds_trains_the_grid_on_seed_0_then_the_best_rate(tmp_path):
+  argv = [sys.executable, 'sweep.py', '--suite=prenorm,dhc4', '--seeds=3', '--size=tiny',
+          '--lr_grid=1e-3,3e-3', '--lr_grid_seeds=1', f'--workroot={tmp_path}', '--print_commands']
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def printed():
+    out = subprocess.run(argv, cwd=repo, capture_output=True, text=True, check=True).stdout
+    return sorted(line.split('--workdir=')[1].removeprefix(str(tmp_path) + '/')
+                  for line in out.splitlines())
+
+  assert printed() == ['stdlib/dhc4/lr0.001/seed0', 'stdlib/dhc4/lr0.003/seed0',
+                       'stdlib/prenorm/lr0.001/seed0', 'stdlib/prenorm/lr0.003/seed0']
+  finals = {('prenorm', 1e-3): 2.0, ('prenorm', 3e-3): 2.1, ('dhc4', 1e-3): 2.2,
+            ('dhc4', 3e-3): 1.9}
+  for run in sweep.plan(('prenorm', 'dhc4'), 1, [sweep.Corpus('stdlib')], str(tmp_path),
+                        size='tiny', lr_grid=(1e-3, 3e-3)):
+    fake_run(run.workdir, config=sweep.make_config(run), final=finals[run.experiment, run.lr])
+  # The grid finished: seeds 1 and 2 at each experiment's best rate on seed 0.
+  assert printed() == ['stdlib/dhc4/lr0.003/seed1', 'stdlib/dhc4/lr0.003/seed2',
+                       'stdlib/prenorm/lr0.001/seed1', 'stdlib/prenorm/lr0.001/seed2']
 
 
 def _wait_for(predicate, what, proc, log_path, timeout=300.0):

@@ -9,7 +9,10 @@
                                         all of them on validation text (JSON + PNG in
                                         WORKDIR/analysis; defaults from configs/base.py)
   runner.compare({label: results}, dir) overlay plots across checkpoints
+  gradients.gradient_norms(...)         per-sub-layer gradient norms of the validation loss
+  gradients.checkpoint_gradient_norms   the same at initialisation and every kept checkpoint
   results                               sweep results: tables, loss curves, the markdown report
+  depth                                 the depth study: loss, collapse, gradients, gain vs depth
 
 The command line is analyze.py (analyses) and sweep.py (sweeps and reports).
 """

@@ -192,3 +192,120 @@ def loss_curves(curves: dict[str, dict], path: str, title: str) -> None:
         ax.set_ylim(lo - 0.05 * (hi - lo), hi)
   fig.suptitle(title)
   _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- depth (depth.py)
+
+
+def _by_variant(rows: list[dict]) -> dict[str, list[dict]]:
+  """Rows grouped by variant (in first-seen order), each group sorted by depth."""
+  out = {}
+  for r in rows:
+    out.setdefault(r['variant'], []).append(r)
+  return {v: sorted(rs, key=lambda r: r['depth']) for v, rs in out.items()}
+
+
+def _depth_axis(ax, rows: list[dict], ylabel: str, title: str) -> None:
+  depths = sorted({r['depth'] for r in rows})
+  ax.set_xscale('log', base=2)
+  ax.set_xticks(depths, [str(d) for d in depths])
+  ax.xaxis.set_minor_locator(ticker.NullLocator())
+  ax.set_xlabel('blocks (2 sub-layers each)')
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3, which='both')
+
+
+def _log_if_spread(ax) -> None:
+  values = np.concatenate([l.get_ydata() for l in ax.get_lines()] or [np.ones(1)])
+  values = values[np.isfinite(values)]
+  if len(values) and np.min(values) > 0 and np.max(values) / np.min(values) > 10:
+    ax.set_yscale('log')
+
+
+def _deepest(profiles: dict[str, dict[int, dict]]) -> int:
+  """The largest depth any variant has analyses of (0 for none)."""
+  return max((max(p) for p in profiles.values() if p), default=0)
+
+
+def depth_loss(rows: list[dict], path: str) -> None:
+  """Final validation loss (mean, bars: std over seeds) and the paired difference to the
+  baseline (bars: 2 paired SE) against depth, one line per variant."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for variant, rs in _by_variant(rows).items():
+    d = [r['depth'] for r in rs]
+    axes[0].errorbar(d, [r['eval_loss_mean'] for r in rs], yerr=[r['eval_loss_std'] for r in rs],
+                     marker='o', ms=3, capsize=2, label=variant)
+    if all(r['verdict'] == 'baseline' for r in rs):
+      axes[1].axhline(0, color='k', lw=0.8, label=variant)
+    else:
+      se = [0 if math.isnan(r['diff_se']) else 2 * r['diff_se'] for r in rs]
+      axes[1].errorbar(d, [r['diff'] for r in rs], yerr=se, marker='o', ms=3, capsize=2,
+                       label=variant)
+  _depth_axis(axes[0], rows, 'validation loss (nats / token)', 'final validation loss')
+  _depth_axis(axes[1], rows, 'Δ loss (nats / token)', 'paired Δ to the baseline (± 2 SE)')
+  axes[0].legend(fontsize=7)
+  _save(fig, path)
+
+
+def depth_collapse(rows: list[dict], profiles: dict[str, dict[int, dict]], path: str) -> None:
+  """Adjacent-layer cosine similarity (HC Fig. 3): its mean over sub-layer pairs against depth
+  (dashed: the second half's), and the per-sub-layer profile of the deepest models."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  deepest = _deepest(profiles)
+  for variant, rs in _by_variant(rows).items():
+    d = [r['depth'] for r in rs]
+    line, = axes[0].plot(d, [r['cos_mean'] for r in rs], marker='o', ms=3, label=variant)
+    axes[0].plot(d, [r['cos_second_half'] for r in rs], ls='--', color=line.get_color())
+    if deepest in profiles.get(variant, {}):
+      c = profiles[variant][deepest]['collapse']
+      axes[1].plot(c['layer'], c['median'], lw=1, color=line.get_color(), label=variant)
+  _depth_axis(axes[0], rows, 'cosine similarity', 'mean over sub-layer pairs (dashed: 2nd half)')
+  axes[1].set_xlabel('sub-layer k (cosine of the inputs of k - 1 and k)')
+  axes[1].set_ylabel('cosine similarity (median over tokens)')
+  axes[1].set_title(f'profile at {deepest} blocks', fontsize=10)
+  axes[1].grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  _save(fig, path)
+
+
+def depth_gradients(rows: list[dict], profiles: dict[str, dict[int, dict]], path: str) -> None:
+  """Branch gradient norms: the first block's over the last block's against depth (dashed: at
+  initialisation, solid: at the end), and the per-sub-layer norms of the deepest models."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  deepest = _deepest(profiles)
+  for variant, rs in _by_variant(rows).items():
+    d = [r['depth'] for r in rs]
+    line, = axes[0].plot(d, [r['grad_ratio_final'] for r in rs], marker='o', ms=3, label=variant)
+    axes[0].plot(d, [r['grad_ratio_init'] for r in rs], ls='--', marker='x', ms=3,
+                 color=line.get_color())
+    if deepest in profiles.get(variant, {}):
+      g = profiles[variant][deepest]['gradients']
+      layers = range(1, len(g[0]['branch']) + 1)
+      axes[1].plot(layers, g[max(g)]['branch'], lw=1, color=line.get_color(), label=variant)
+      axes[1].plot(layers, g[0]['branch'], lw=0.8, ls='--', color=line.get_color())
+  _depth_axis(axes[0], rows, 'first block / last block', 'gradient-norm ratio (dashed: init)')
+  axes[0].axhline(1, color='k', lw=0.6)
+  _log_if_spread(axes[0])
+  axes[1].set_xlabel('sub-layer k')
+  axes[1].set_ylabel('‖∂loss/∂branch weights‖')
+  axes[1].set_title(f'per sub-layer at {deepest} blocks (dashed: init)', fontsize=10)
+  axes[1].set_yscale('log')
+  axes[1].grid(alpha=0.3, which='both')
+  axes[0].legend(fontsize=7)
+  _save(fig, path)
+
+
+def depth_gain(rows: list[dict], path: str) -> None:
+  """The largest composite Amax gain over the sub-layers (mHC) against depth: forward (solid) and
+  backward (dashed)."""
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  for variant, rs in _by_variant(rows).items():
+    d = [r['depth'] for r in rs]
+    line, = ax.plot(d, [r['gain_forward_max'] for r in rs], marker='o', ms=3, label=variant)
+    ax.plot(d, [r['gain_backward_max'] for r in rs], ls='--', marker='x', ms=3,
+            color=line.get_color())
+  _depth_axis(ax, rows, 'max composite Amax gain', 'composite gain (dashed: backward)')
+  _log_if_spread(ax)
+  ax.legend(fontsize=7)
+  _save(fig, path)
