@@ -12,8 +12,8 @@ Arguments (after ':', comma-separated key=value):
               print(paper.describe())"` lists them with their tables
   size        paper: the paper's model and training setup (OLMo-1B; OLMo-7B for HC Table 5;
                      OLMoE-1B-7B for HC Table 6)
-              cpu:   a 4-layer d=128 byte-level model a 2-core CPU trains in minutes (configs/lm.py);
-                     the depth rows: d=64 at 4 to 32 blocks (DEPTH_CPU)
+              cpu:   a 4-layer d=128 byte-level model a 2-core CPU trains in minutes
+                     (configs/lm.py); the depth rows: d=64 at 4 to 32 blocks (DEPTH_CPU)
               tiny:  seconds-long runs for tests
 Every experiment is configs/lm.py's (or configs/moe.py's) switches plus a few overrides: this file
 holds one line per experiment (the depth rows, <variant>_L<blocks>, are one generated line per

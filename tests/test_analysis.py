@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import helpers
-from configs import base, lm
+from configs import base, lm, paper
 from hyperconn_jax import connections as connections_lib
 from hyperconn_jax import sweep, train_lib
 from hyperconn_jax.analysis import depth, diagnostics, gradients, loading, runner, trace
@@ -207,12 +207,12 @@ def _direct_branch_norms(model, batch, num_layers):
 def test_depth_measure_gradient_norms_match_jax_grad(trained, tmp_path):
   # depth.measure: collapse and gain at the last step, gradients.checkpoint_gradient_norms at
   # initialisation and every kept checkpoint; written once, then read back.
-  config = loading.load_config(trained)
-  run = {'run': sweep.Run(sweep.Corpus('c'), 'dhc2_L2', 0, trained, 'tiny'), 'seed': 0,
+  config = loading.load_config(trained, base.get_config())
+  run = {'run': sweep.Run(paper, sweep.Corpus('c'), 'dhc2_L2', 0, trained, 'tiny'), 'seed': 0,
          'config': json.loads(config.to_json())}
   out = str(tmp_path / 'a')
-  measured = depth.measure({'dhc2_L2': [run]}, {'dhc2_L2': out}, num_batches=1,
-                           log=lambda _: None)['dhc2_L2']
+  measured = depth.measure({'dhc2_L2': [run]}, {'dhc2_L2': out}, defaults=base.get_config(),
+                           num_batches=1, log=lambda _: None)['dhc2_L2']
   norms = measured['gradients']
   assert sorted(norms) == [0, 10]  # Initialisation and the run's one checkpoint.
   assert len(measured['collapse']['median']) == 3 and len(measured['gain']['layer']) == 4
@@ -226,8 +226,8 @@ def test_depth_measure_gradient_norms_match_jax_grad(trained, tmp_path):
   assert all(c > 0 for c in norms[10]['connection']) and norms[10]['layer'] == [1, 2, 3, 4]
   assert norms[10]['total'] > np.sqrt(np.sum(np.square(norms[10]['branch'])))
   assert os.path.exists(os.path.join(out, depth.GRADIENTS_FILE))
-  again = depth.measure({'dhc2_L2': [run]}, {'dhc2_L2': out}, num_batches=1,
-                        log=lambda _: None)['dhc2_L2']
+  again = depth.measure({'dhc2_L2': [run]}, {'dhc2_L2': out}, defaults=base.get_config(),
+                        num_batches=1, log=lambda _: None)['dhc2_L2']
   assert again['gradients'] == norms
   np.testing.assert_allclose(again['collapse']['median'], measured['collapse']['median'])
 

@@ -393,9 +393,9 @@ def test_depth_tables_and_plots_from_synthetic_runs(tmp_path):
             ('dhc4_L4', 1e-3): {0: 1.95}, ('dhc4_L4', 3e-3): {0: 1.9, 1: 2.0, 2: 2.15},
             ('prenorm_L8', 1e-3): {0: 2.5, 1: 2.4, 2: 2.6}, ('prenorm_L8', 3e-3): {0: 2.7},
             ('dhc4_L8', 1e-3): {0: 2.0}, ('dhc4_L8', 3e-3): {0: 1.9, 1: 2.3, 2: 2.4}}
-  runs = [run for run in sweep.plan(('prenorm_L4', 'dhc4_L4', 'prenorm_L8', 'dhc4_L8'), 3,
-                                    [sweep.Corpus('stdlib')], str(tmp_path / 'runs'),
-                                    size='tiny', lr_grid=(1e-3, 3e-3))
+  experiments = ('prenorm_L4', 'dhc4_L4', 'prenorm_L8', 'dhc4_L8')
+  runs = [run for run in sweep.plan(paper, experiments, 3, [sweep.Corpus('stdlib')],
+                                    str(tmp_path / 'runs'), size='tiny', lr_grid=(1e-3, 3e-3))
           if run.seed in finals[run.experiment, run.lr]]
   for run in runs:
     fake_run(run.workdir, config=sweep.make_config(run),
@@ -463,7 +463,7 @@ def test_lr_grid_seeds_trains_the_grid_on_seed_0_then_the_best_rate(tmp_path):
                        'stdlib/prenorm/lr0.001/seed0', 'stdlib/prenorm/lr0.003/seed0']
   finals = {('prenorm', 1e-3): 2.0, ('prenorm', 3e-3): 2.1, ('dhc4', 1e-3): 2.2,
             ('dhc4', 3e-3): 1.9}
-  for run in sweep.plan(('prenorm', 'dhc4'), 1, [sweep.Corpus('stdlib')], str(tmp_path),
+  for run in sweep.plan(paper, ('prenorm', 'dhc4'), 1, [sweep.Corpus('stdlib')], str(tmp_path),
                         size='tiny', lr_grid=(1e-3, 3e-3)):
     fake_run(run.workdir, config=sweep.make_config(run), final=finals[run.experiment, run.lr])
   # The grid finished: seeds 1 and 2 at each experiment's best rate on seed 0.

@@ -42,7 +42,7 @@ def variant_and_depth(experiment: str, config: dict[str, Any]) -> tuple[str, int
   return experiment.removesuffix(f'_L{depth}'), depth
 
 
-def measure(best: dict[str, list[dict[str, Any]]], analysis_dirs: dict[str, str], *,
+def measure(best: dict[str, list[dict[str, Any]]], analysis_dirs: dict[str, str], *, defaults,
             num_batches: int = 4, log=print) -> dict[str, dict[str, Any]]:
   """The analyses of seed 0 (the first run) of each experiment: collapse and gain at its last
   step, gradient norms at initialisation and at every kept checkpoint.
@@ -54,6 +54,7 @@ def measure(best: dict[str, list[dict[str, Any]]], analysis_dirs: dict[str, str]
   Args:
     best: {experiment: its runs at its best learning rate} (results.at_best_lr).
     analysis_dirs: {experiment: directory}.
+    defaults: every config field's default (configs/base.py's get_config()).
     num_batches: validation batches per analysis.
 
   Returns:
@@ -67,12 +68,13 @@ def measure(best: dict[str, list[dict[str, Any]]], analysis_dirs: dict[str, str]
     step = runs[0]['config']['train']['num_steps']
     log(f'depth analyses: {exp} ({run.workdir})')
     r = runner.read_written(exp_dir, str(step)) or runner.analyze_checkpoint(
-        run.workdir, step, num_batches=num_batches, out_dir=exp_dir, label=exp)
+        run.workdir, step, defaults=defaults, num_batches=num_batches, out_dir=exp_dir, label=exp)
     grad_path = paths.as_path(exp_dir) / GRADIENTS_FILE
     if grad_path.exists():
       grads = {int(s): g for s, g in json.loads(grad_path.read_text()).items()}
     else:
-      grads = gradients.checkpoint_gradient_norms(run.workdir, num_batches=num_batches)
+      grads = gradients.checkpoint_gradient_norms(run.workdir, defaults=defaults,
+                                                  num_batches=num_batches)
       grad_path.write_text(json.dumps({str(s): g for s, g in grads.items()}))
     out[exp] = {'collapse': r['collapse'], 'gain': r['gain'], 'gradients': grads}
   return out
@@ -128,7 +130,7 @@ def _f(value: float, digits: int = 3) -> str:
 
 def markdown_table(rows: list[dict[str, Any]], baseline: str = 'prenorm') -> str:
   """The rows as a markdown table."""
-  lines = ['| blocks | variant | lr | seeds | eval loss | Δ vs ' + baseline + ', paired | verdict | '
+  lines = [f'| blocks | variant | lr | seeds | eval loss | Δ vs {baseline}, paired | verdict | '
            'cos adj. (all / 2nd half) | grad first/last block (init → final) | '
            'grad min–max (final) | composite gain fwd / bwd |',
            '|---|---|---|---|---|---|---|---|---|---|---|']
@@ -150,15 +152,15 @@ def markdown_table(rows: list[dict[str, Any]], baseline: str = 'prenorm') -> str
 def write(rows: list[dict[str, Any]], measured: dict[str, dict[str, Any]],
           best: dict[str, list[dict[str, Any]]], out_dir: str, baseline: str = 'prenorm'
           ) -> list[str]:
-  """Writes into out_dir: depth.md (the table), depth.csv (its rows), depth_runs.csv (every run's
-  final loss) and four plots against depth (plots.depth_*): depth_loss.png, depth_collapse.png,
-  depth_gradients.png, depth_gain.png. Returns the paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  files = [os.path.join(out_dir, name) for name in (
+  """Writes into out_dir (any etils.epath path): depth.md (the table), depth.csv (its rows),
+  depth_runs.csv (every run's final loss) and four plots against depth (plots.depth_*):
+  depth_loss.png, depth_collapse.png, depth_gradients.png, depth_gain.png. Returns the paths."""
+  out = paths.as_path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  files = [os.fspath(out / name) for name in (
       'depth.md', 'depth.csv', 'depth_runs.csv', 'depth_loss.png', 'depth_collapse.png',
       'depth_gradients.png', 'depth_gain.png')]
-  with open(files[0], 'w') as f:
-    f.write(markdown_table(rows, baseline) + '\n')
+  paths.as_path(files[0]).write_text(markdown_table(rows, baseline) + '\n')
   results.write_csv(rows, files[1], FIELDS)
   results.write_csv([{'variant': variant_and_depth(e, r['config'])[0],
                       'depth': variant_and_depth(e, r['config'])[1], 'lr': r['lr'],

@@ -85,12 +85,13 @@ def gradient_norms(model, config, batches: Iterable[dict[str, np.ndarray]]) -> d
   return _norms(_grads_fn(nnx.graphdef(model), config), model, batches, config.model.num_layers)
 
 
-def checkpoint_gradient_norms(workdir: str, *, num_batches: int = 2,
+def checkpoint_gradient_norms(workdir: str, *, defaults, num_batches: int = 2,
                               steps: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
   """`gradient_norms` of a run at initialisation (step 0: the model its config.seed builds, as
   training starts) and at each of `steps` (default: every checkpoint the run kept), on the same
-  `num_batches` validation batches; {step: result}."""
-  config = loading.load_config(workdir)
+  `num_batches` validation batches; {step: result}. `defaults`: every config field's default
+  (configs/base.py's get_config(); see rundir.load_run_config)."""
+  config = loading.load_config(workdir, defaults)
   batches = loading.validation_batches(config, num_batches)
   if steps is None:
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint, read_only=True)
@@ -104,6 +105,6 @@ def checkpoint_gradient_norms(workdir: str, *, num_batches: int = 2,
   grads_fn = _grads_fn(nnx.graphdef(init), config)
   out = {0: _norms(grads_fn, init, batches, config.model.num_layers)}
   for step in sorted(steps):
-    _, model, _ = loading.load_model(workdir, step)
+    _, model, _ = loading.load_model(workdir, step, defaults=defaults)
     out[step] = _norms(grads_fn, model, batches, config.model.num_layers)
   return out

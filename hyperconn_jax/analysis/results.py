@@ -349,8 +349,8 @@ def write_report(path: str, *, command: str, collected: dict[str, dict[str, list
   rates = sorted({r['lr'] for r in finished})
   lr_text = (f'AdamW lr {rates[0]:g}' if len(rates) == 1 else
              f'AdamW, each variant at its best lr of {", ".join(f"{lr:g}" for lr in rates)} (the '
-             'lowest final validation loss averaged over the seeds trained at every rate; chosen on '
-             'the same validation tokens the tables report, so slightly optimistic for every '
+             'lowest final validation loss averaged over the seeds trained at every rate; chosen '
+             'on the same validation tokens the tables report, so slightly optimistic for every '
              'variant alike)')
   lines = [
       '# Results', '',
