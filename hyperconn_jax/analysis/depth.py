@@ -30,6 +30,9 @@ from hyperconn_jax import paths
 from hyperconn_jax.analysis import gradients, plots, results, runner
 
 GRADIENTS_FILE = 'gradients.json'
+# The runner analyses the study reads (the connection matrices and coefficients of a deep model are
+# large and not needed here).
+ANALYSES = ('collapse', 'gain')
 FIELDS = ('variant', 'depth', 'lr', 'seeds', 'paired_seeds', 'eval_loss_mean', 'eval_loss_std',
           'diff', 'diff_se', 'verdict', 'cos_mean', 'cos_second_half', 'grad_ratio_init',
           'grad_ratio_final', 'grad_min_final', 'grad_max_final', 'gain_forward_max',
@@ -48,8 +51,7 @@ def measure(best: dict[str, list[dict[str, Any]]], analysis_dirs: dict[str, str]
   step, gradient norms at initialisation and at every kept checkpoint.
 
   Results are written into (and, when there, read back from) analysis_dirs[experiment], in the
-  files runner.analyze_checkpoint writes (all of runner.ANALYSES, so sweep.py's per-experiment
-  analyses reuse them) and GRADIENTS_FILE.
+  files runner.analyze_checkpoint writes (ANALYSES) and GRADIENTS_FILE.
 
   Args:
     best: {experiment: its runs at its best learning rate} (results.at_best_lr).
@@ -67,8 +69,9 @@ def measure(best: dict[str, list[dict[str, Any]]], analysis_dirs: dict[str, str]
     run, exp_dir = runs[0]['run'], analysis_dirs[exp]
     step = runs[0]['config']['train']['num_steps']
     log(f'depth analyses: {exp} ({run.workdir})')
-    r = runner.read_written(exp_dir, str(step)) or runner.analyze_checkpoint(
-        run.workdir, step, defaults=defaults, num_batches=num_batches, out_dir=exp_dir, label=exp)
+    r = runner.read_written(exp_dir, str(step), ANALYSES) or runner.analyze_checkpoint(
+        run.workdir, step, defaults=defaults, analyses=ANALYSES, num_batches=num_batches,
+        out_dir=exp_dir, label=exp)
     grad_path = paths.as_path(exp_dir) / GRADIENTS_FILE
     if grad_path.exists():
       grads = {int(s): g for s, g in json.loads(grad_path.read_text()).items()}

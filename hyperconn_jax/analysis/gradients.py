@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 import numpy as np
 
-from hyperconn_jax import checkpoint, models, tasks
-from hyperconn_jax.analysis import loading, trace
+from hyperconn_jax import checkpoint, models, rundir, sharding, tasks
+from hyperconn_jax.analysis import loading
 
 # Block attributes -> (offset of the sub-layer within its block, 'branch' or 'connection').
 _PARTS = {'attn': (0, 'branch'), 'attn_norm': (0, 'branch'), 'attn_connection': (0, 'connection'),
@@ -99,12 +99,15 @@ def checkpoint_gradient_norms(workdir: str, *, defaults, num_batches: int = 2,
       steps = ckpt.all_steps()
     finally:
       ckpt.close()
-  # build_model gives the values training starts from (models.create_model's docstring); every
-  # model in the loop layout, as load_model restores them: one compilation for all steps.
-  init = trace.loop_layout(models.build_model(config.model, nnx.Rngs(config.seed)), config.model)
+  # build_model gives the values training starts from (models.create_model's docstring). Every
+  # model in the training layout (scanned blocks compile once, not once per block).
+  init = models.build_model(config.model, nnx.Rngs(config.seed))
   grads_fn = _grads_fn(nnx.graphdef(init), config)
   out = {0: _norms(grads_fn, init, batches, config.model.num_layers)}
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  rules = sharding.logical_rules(config.mesh)
   for step in sorted(steps):
-    _, model, _ = loading.load_model(workdir, step, defaults=defaults)
+    graphdef, restored, _ = rundir.restore_model(workdir, config, step, mesh, rules)
+    model = nnx.merge(graphdef, restored['params'], restored['rest'])
     out[step] = _norms(grads_fn, model, batches, config.model.num_layers)
   return out

@@ -60,7 +60,7 @@ def connection_matrices(result: dict, path: str, title: str) -> None:
   cols = min(len(panels), 3)
   rows = math.ceil(len(panels) / cols)
   size = c0.shape[0]
-  cell = max(3.2, 0.32 * size)
+  cell = min(max(3.2, 0.32 * size), 8.0)  # Deep models: a 65 x 65 heatmap needs no more.
   fig, axes = plt.subplots(rows, cols, figsize=(cols * cell + 1.5, rows * cell), squeeze=False)
   vmax = max(float(np.max(np.abs(np.tril(c0)))), float(np.max(np.abs(np.tril(cs)))), 1e-6)
   for ax, (name, matrix) in zip(axes.flat, panels):
