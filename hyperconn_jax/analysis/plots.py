@@ -256,7 +256,8 @@ def depth_collapse(rows: list[dict], profiles: dict[str, dict[int, dict]], path:
   for variant, rs in _by_variant(rows).items():
     d = [r['depth'] for r in rs]
     line, = axes[0].plot(d, [r['cos_mean'] for r in rs], marker='o', ms=3, label=variant)
-    axes[0].plot(d, [r['cos_second_half'] for r in rs], ls='--', color=line.get_color())
+    axes[0].plot(d, [r['cos_second_half'] for r in rs], ls='--', marker='x', ms=3,
+                 color=line.get_color())
     if deepest in profiles.get(variant, {}):
       c = profiles[variant][deepest]['collapse']
       axes[1].plot(c['layer'], c['median'], lw=1, color=line.get_color(), label=variant)
