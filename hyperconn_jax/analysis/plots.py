@@ -234,14 +234,16 @@ def depth_loss(rows: list[dict], path: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for variant, rs in _by_variant(rows).items():
     d = [r['depth'] for r in rs]
-    axes[0].errorbar(d, [r['eval_loss_mean'] for r in rs], yerr=[r['eval_loss_std'] for r in rs],
-                     marker='o', ms=3, capsize=2, label=variant)
+    bars = axes[0].errorbar(d, [r['eval_loss_mean'] for r in rs],
+                            yerr=[r['eval_loss_std'] for r in rs], marker='o', ms=3, capsize=2,
+                            label=variant)
+    color = bars[0].get_color()  # The same colour per variant in both panels.
     if all(r['verdict'] == 'baseline' for r in rs):
-      axes[1].axhline(0, color='k', lw=0.8, label=variant)
+      axes[1].axhline(0, color=color, lw=0.8, label=variant)
     else:
       se = [0 if math.isnan(r['diff_se']) else 2 * r['diff_se'] for r in rs]
       axes[1].errorbar(d, [r['diff'] for r in rs], yerr=se, marker='o', ms=3, capsize=2,
-                       label=variant)
+                       color=color, label=variant)
   _depth_axis(axes[0], rows, 'validation loss (nats / token)', 'final validation loss')
   _depth_axis(axes[1], rows, 'Δ loss (nats / token)', 'paired Δ to the baseline (± 2 SE)')
   axes[0].legend(fontsize=7)
