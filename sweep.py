@@ -49,8 +49,8 @@ _SET = flags.DEFINE_multi_string('set', [], "Config overrides for every run, e.g
                                  "--set=train.num_steps=100 (repeatable).")
 _LR_GRID = flags.DEFINE_list('lr_grid', [], 'Learning rates (e.g. 1e-3,3e-3,6e-3): every experiment '
                              'trains at each; the tables report each experiment at its best rate '
-                             '(lowest final validation loss averaged over seeds). Empty: each '
-                             "experiment's own optim.lr.")
+                             '(lowest final validation loss averaged over the seeds every rate '
+                             "has). Empty: each experiment's own optim.lr.")
 _LR_GRID_SEEDS = flags.DEFINE_integer('lr_grid_seeds', 0, 'With --lr_grid: train the grid on '
                                       'seeds 0 .. lr_grid_seeds-1 only, then the other seeds at '
                                       "each experiment's best rate on those seeds (0: the grid on "
@@ -126,7 +126,8 @@ def _depth(best_by_corpus, out_dir, baseline: str, defaults) -> None:
                              log=logging.info)
     variant = depth.variant_and_depth(baseline, best[baseline][0]['config'])[0]
     rows = depth.table_rows(best, measured, baseline=variant)
-    files = depth.write(rows, measured, best, os.path.join(_DEPTH.value, corpus), variant)
+    files = depth.write(rows, measured, best, os.fspath(paths.as_path(_DEPTH.value) / corpus),
+                        variant)
     print(f'\nDepth ({corpus}):\n{depth.markdown_table(rows, variant)}\nFiles: {", ".join(files)}')
 
 
