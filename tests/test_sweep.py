@@ -384,6 +384,18 @@ def test_report_from_synthetic_runs(tmp_path):
   assert '![compare_gain.png](results/stdlib/compare_gain.png)' in text
   assert ('- dhc4: [connections](results/stdlib/analysis/dhc4/lr0.003/connections_20.png) · '
           '[gain](results/stdlib/analysis/dhc4/lr0.003/gain_20.png)\n') in text
+  # Regenerating keeps the sections written by other commands (below KEEP_MARKER) and nothing
+  # else of the old text.
+  tail = f'{results.KEEP_MARKER}\n\n## Depth\n\nWritten by hand.\n'
+  with open(report, 'w') as f:
+    f.write('# Old report\n\n' + tail)
+  results.write_report(report, command='python sweep.py --suite=x', collected=collected,
+                       corpus_results={'stdlib': corpus}, analysis_files=analysis_files,
+                       baseline='prenorm', about=about, params=params,
+                       analysis_tokens={'stdlib': 64})
+  again = open(report).read()
+  assert again.endswith('\n' + tail) and '# Old report' not in again
+  assert again.count('## Setup') == 1 and '## Discussion' not in again
 
 
 def test_depth_tables_and_plots_from_synthetic_runs(tmp_path):
