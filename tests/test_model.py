@@ -13,7 +13,7 @@ from flax import nnx
 import helpers
 from configs import lm
 from hyperconn_jax import models, params
-from hyperconn_jax.models import sizes, trunk
+from hyperconn_jax.models import layers, sizes, trunk
 
 B, L, V = 2, 8, helpers.TINY_VOCAB
 
@@ -123,6 +123,20 @@ def test_causal_through_gradients(kind, opts):
     norm_L = jnp.sqrt(jnp.sum(jnp.square(g_BxLxD), axis=(0, 2)))
     assert np.all(np.asarray(norm_L[t + 1:]) == 0), (t, norm_L)
     assert np.all(np.asarray(norm_L[:t + 1]) > 0), (t, norm_L)
+
+
+@pytest.mark.parametrize('spec, x_shape, w_shape, in_axes', [
+    ('bld,df->blf', (2, 3, 4), (4, 5), 1),
+    ('bld,dhk->blhk', (2, 3, 4), (4, 2, 3), 1),
+    ('blhk,hkd->bld', (2, 3, 2, 3), (2, 3, 4), 2),
+])
+def test_project_equals_einsum(spec, x_shape, w_shape, in_axes):
+  kx, kw = jax.random.split(jax.random.key(0))
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  np.testing.assert_allclose(layers.project(x, w, in_axes=in_axes), jnp.einsum(spec, x, w),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='contracted axes'):
+    layers.project(x, w.reshape(-1)[None, :], in_axes=in_axes)
 
 
 def test_scan_equals_python_loop():

@@ -61,8 +61,8 @@ class DecoderLM(nnx.Module):
     if self.unembed is None:
       logits_BxLxV = self.embed.attend(h_BxLxD)
     else:
-      logits_BxLxV = jnp.einsum('bld,dv->blv', h_BxLxD.astype(self.dtype),
-                                self.unembed[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+      logits_BxLxV = layers.project(h_BxLxD.astype(self.dtype),
+                                    self.unembed[...].astype(self.dtype),
+                                    preferred_element_type=jnp.float32)
     logits_BxLxV = sharding.constrain(logits_BxLxV, LOGITS_AXES)
     return trunk.ModelOutput(logits_BxLxV, hidden, aux)
