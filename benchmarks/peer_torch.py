@@ -234,14 +234,15 @@ def main(argv=None):
             'hyper_connections': importlib.metadata.version('hyper-connections'), 'rows': []}
   for d in [int(x) for x in args.d.split(',')]:
     result['rows'] += time_width(d, args)
-  result['machine']['load_average_end'] = list(os.getloadavg())
-  table = markdown(result)
-  print(table)
-  for path, text in ((args.out, json.dumps(result, indent=1)), (args.markdown, table)):
-    if path:
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      with open(path, 'w') as f:
-        f.write(text)
+    result['machine']['load_average_end'] = list(os.getloadavg())
+    table = markdown(result)
+    print(table, flush=True)
+    # Written after every width, so a long run keeps what it measured.
+    for path, text in ((args.out, json.dumps(result, indent=1)), (args.markdown, table)):
+      if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, 'w') as f:
+          f.write(text)
 
 
 if __name__ == '__main__':
