@@ -13,7 +13,7 @@ from flax import nnx
 import helpers
 from configs import lm
 from hyperconn_jax import models, params
-from hyperconn_jax.models import sizes, trunk
+from hyperconn_jax.models import layers, sizes, trunk
 
 B, L, V = 2, 8, helpers.TINY_VOCAB
 
@@ -125,6 +125,20 @@ def test_causal_through_gradients(kind, opts):
     assert np.all(np.asarray(norm_L[:t + 1]) > 0), (t, norm_L)
 
 
+@pytest.mark.parametrize('spec, x_shape, w_shape, in_axes', [
+    ('bld,df->blf', (2, 3, 4), (4, 5), 1),
+    ('bld,dhk->blhk', (2, 3, 4), (4, 2, 3), 1),
+    ('blhk,hkd->bld', (2, 3, 2, 3), (2, 3, 4), 2),
+])
+def test_project_equals_einsum(spec, x_shape, w_shape, in_axes):
+  kx, kw = jax.random.split(jax.random.key(0))
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  np.testing.assert_allclose(layers.project(x, w, in_axes=in_axes), jnp.einsum(spec, x, w),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='contracted axes'):
+    layers.project(x, w.reshape(-1)[None, :], in_axes=in_axes)
+
+
 def test_scan_equals_python_loop():
   cfg = tiny_config('hc', n=4, dynamic=True)
   scanned = models.build_model(cfg, nnx.Rngs(0))
@@ -160,6 +174,27 @@ def test_scan_equals_python_loop():
   trunk.copy_weights(loop, back)
   for k, v in helpers.flat(scanned).items():
     np.testing.assert_array_equal(helpers.flat(back)[k], v)
+
+
+def test_scan_unroll_resolves_and_keeps_numerics():
+  # Tests run on CPU: auto unrolls up to CPU_UNROLL_MAX_LAYERS layers.
+  assert trunk.scan_unroll(0, 2) == 2
+  assert trunk.scan_unroll(0, trunk.CPU_UNROLL_MAX_LAYERS + 1) == 1
+  assert trunk.scan_unroll(3, 2) == 2 and trunk.scan_unroll(1, 4) == 1
+  results = []
+  for unroll in (0, 1):
+    cfg = tiny_config('hc', n=2, dynamic=True)
+    cfg.scan_unroll = unroll
+    model = models.build_model(cfg, nnx.Rngs(0))
+    perturb(model)
+    graphdef, state = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens()))(state))
+    assert ('unroll=2' in jaxpr) == (unroll == 0)  # The scan over the 2 layers.
+    results.append(_loss_and_grads(model, tokens()))
+  (loss_auto, grads_auto), (loss_loop, grads_loop) = results
+  assert rel_err(loss_auto, loss_loop) < 1e-6
+  for k, g in grads_loop.items():
+    assert rel_err(grads_auto[k], g) < 1e-5, k
 
 
 def _loss_and_grads(model, tok):
@@ -281,6 +316,7 @@ def test_param_counts(size, kind, opts, total, extra):
     ('norm_eps', 0.0), ('rope_theta', -1.0), ('init_std', 0), ('qk_norm', 'yes'),
     ('tie_embeddings', 1), ('scan_layers', None), ('dtype', 'float16'), ('param_dtype', 'int8'),
     ('remat_policy', 'everything'), ('connection.kind', 'highway'), ('connection.hc.n', 0),
+    ('scan_unroll', -1), ('scan_unroll', True),
 ])
 def test_validate_names_the_field(field, value):
   cfg = tiny_config('hc')

@@ -50,6 +50,9 @@ def validate(config) -> None:
     value = config[field]
     _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
            field, value, 'a positive number')
+  _check(isinstance(config.scan_unroll, int) and not isinstance(config.scan_unroll, bool)
+         and config.scan_unroll >= 0, 'scan_unroll', config.scan_unroll,
+         'a non-negative integer (0: auto)')
   for field in _BOOLS:
     _check(isinstance(config[field], bool), field, config[field], 'True or False')
   # RoPE rotates pairs of channels.

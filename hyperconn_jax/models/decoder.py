@@ -25,6 +25,7 @@ class DecoderLM(nnx.Module):
     d = config.d_model
     self.num_layers = config.num_layers
     self.scan_layers = config.scan_layers
+    self.scan_unroll = config.scan_unroll
     self.remat_policy = config.remat_policy
     trunk.remat_policy(config.remat_policy)  # Fails before any parameter is created.
     embed_width = connections.layout(config.connection, d).embed_width
@@ -55,14 +56,15 @@ class DecoderLM(nnx.Module):
                                    trunk.STREAMS_AXES)
     x_BxLxNxD, hidden, aux = trunk.run_blocks(self.blocks, x_BxLxNxD, num_layers=self.num_layers,
                                               scan_layers=self.scan_layers,
+                                              unroll=self.scan_unroll,
                                               policy_name=self.remat_policy,
                                               return_hidden=return_hidden)
     h_BxLxD = self.final_norm(self.streams.reduce(x_BxLxNxD))
     if self.unembed is None:
       logits_BxLxV = self.embed.attend(h_BxLxD)
     else:
-      logits_BxLxV = jnp.einsum('bld,dv->blv', h_BxLxD.astype(self.dtype),
-                                self.unembed[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+      logits_BxLxV = layers.project(h_BxLxD.astype(self.dtype),
+                                    self.unembed[...].astype(self.dtype),
+                                    preferred_element_type=jnp.float32)
     logits_BxLxV = sharding.constrain(logits_BxLxV, LOGITS_AXES)
     return trunk.ModelOutput(logits_BxLxV, hidden, aux)

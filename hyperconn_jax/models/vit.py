@@ -67,6 +67,7 @@ class ViT(nnx.Module):
     self.patch_size, self.pool, self.dropout = v.patch_size, v.pool, v.dropout
     self.num_layers = config.num_layers
     self.scan_layers = config.scan_layers
+    self.scan_unroll = config.scan_unroll
     self.remat_policy = config.remat_policy
     trunk.remat_policy(config.remat_policy)  # Fails before any parameter is created.
     patch_dim = v.patch_size * v.patch_size * v.channels
@@ -111,6 +112,7 @@ class ViT(nnx.Module):
                                    trunk.STREAMS_AXES)
     x_BxLxNxD, hidden, aux = trunk.run_blocks(
         self.blocks, x_BxLxNxD, num_layers=self.num_layers, scan_layers=self.scan_layers,
+        unroll=self.scan_unroll,
         policy_name=self.remat_policy,
         return_hidden=return_hidden, dropout=(self.dropout, block_keys))
     h_BxLxD = self.final_norm(self.streams.reduce(x_BxLxNxD))
