@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from configs import base
 from hyperconn_jax import aot, connections, models
 from hyperconn_jax import flops as flops_lib
 from hyperconn_jax import metrics as metrics_lib
+from hyperconn_jax import paths
 from hyperconn_jax import sharding, train_lib
 
 BASELINE = 'residual_prenorm'
@@ -393,13 +393,13 @@ def parse_args(argv=None):
 
 
 def write_outputs(json_path: str, result, markdown_path: str, table: str) -> None:
-  """Writes `result` as JSON and the markdown `table`, each where its path is not empty."""
-  for path, write in ((json_path, lambda f: json.dump(result, f, indent=1)),
-                      (markdown_path, lambda f: f.write(table))):
+  """Writes `result` as JSON and the markdown `table`, each where its path (a local path or a
+  gs:// URL) is not empty."""
+  for path, text in ((json_path, json.dumps(result, indent=1)), (markdown_path, table)):
     if path:
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      with open(path, 'w') as f:
-        write(f)
+      out = paths.as_path(path)
+      out.parent.mkdir(parents=True, exist_ok=True)
+      out.write_text(text)
 
 
 def main(argv=None):

@@ -166,11 +166,7 @@ def main(argv=None):
   result['machine']['load_average_end'] = list(os.getloadavg())
   table = markdown(result)
   print(table)
-  for path, content in ((args.out, json.dumps(result, indent=1)), (args.markdown, table)):
-    if path:
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      with open(path, 'w') as f:
-        f.write(content)
+  bench.write_outputs(args.out, result, args.markdown, table)
 
 
 if __name__ == '__main__':

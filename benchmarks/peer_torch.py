@@ -23,7 +23,6 @@ See docs/performance.md for the latest results and the exact command.
 
 import argparse
 import importlib.metadata
-import json
 import math
 import os
 import sys
@@ -238,11 +237,7 @@ def main(argv=None):
     table = markdown(result)
     print(table, flush=True)
     # Written after every width, so a long run keeps what it measured.
-    for path, text in ((args.out, json.dumps(result, indent=1)), (args.markdown, table)):
-      if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, 'w') as f:
-          f.write(text)
+    bench.write_outputs(args.out, result, args.markdown, table)
 
 
 if __name__ == '__main__':
