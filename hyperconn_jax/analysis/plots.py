@@ -228,6 +228,15 @@ def _deepest(profiles: dict[str, dict[int, dict]]) -> int:
   return max((max(p) for p in profiles.values() if p), default=0)
 
 
+def _solid_and_dashed(ax, rs: list[dict], solid: str, dashed: str, variant: str) -> str:
+  """One variant's rows against depth: field `solid` as a solid line, `dashed` dashed in the same
+  colour; returns that colour (for the variant's lines in the other panel)."""
+  d = [r['depth'] for r in rs]
+  line, = ax.plot(d, [r[solid] for r in rs], marker='o', ms=3, label=variant)
+  ax.plot(d, [r[dashed] for r in rs], ls='--', marker='x', ms=3, color=line.get_color())
+  return line.get_color()
+
+
 def depth_loss(rows: list[dict], path: str) -> None:
   """Final validation loss (mean, bars: std over seeds) and the paired difference to the
   baseline (bars: 2 paired SE) against depth, one line per variant."""
@@ -256,13 +265,10 @@ def depth_collapse(rows: list[dict], profiles: dict[str, dict[int, dict]], path:
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   deepest = _deepest(profiles)
   for variant, rs in _by_variant(rows).items():
-    d = [r['depth'] for r in rs]
-    line, = axes[0].plot(d, [r['cos_mean'] for r in rs], marker='o', ms=3, label=variant)
-    axes[0].plot(d, [r['cos_second_half'] for r in rs], ls='--', marker='x', ms=3,
-                 color=line.get_color())
+    color = _solid_and_dashed(axes[0], rs, 'cos_mean', 'cos_second_half', variant)
     if deepest in profiles.get(variant, {}):
       c = profiles[variant][deepest]['collapse']
-      axes[1].plot(c['layer'], c['median'], lw=1, color=line.get_color(), label=variant)
+      axes[1].plot(c['layer'], c['median'], lw=1, color=color, label=variant)
   _depth_axis(axes[0], rows, 'cosine similarity', 'mean over sub-layer pairs (dashed: 2nd half)')
   axes[1].set_xlabel('sub-layer k (cosine of the inputs of k - 1 and k)')
   axes[1].set_ylabel('cosine similarity (median over tokens)')
@@ -278,15 +284,12 @@ def depth_gradients(rows: list[dict], profiles: dict[str, dict[int, dict]], path
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   deepest = _deepest(profiles)
   for variant, rs in _by_variant(rows).items():
-    d = [r['depth'] for r in rs]
-    line, = axes[0].plot(d, [r['grad_ratio_final'] for r in rs], marker='o', ms=3, label=variant)
-    axes[0].plot(d, [r['grad_ratio_init'] for r in rs], ls='--', marker='x', ms=3,
-                 color=line.get_color())
+    color = _solid_and_dashed(axes[0], rs, 'grad_ratio_final', 'grad_ratio_init', variant)
     if deepest in profiles.get(variant, {}):
       g = profiles[variant][deepest]['gradients']
       layers = range(1, len(g[0]['branch']) + 1)
-      axes[1].plot(layers, g[max(g)]['branch'], lw=1, color=line.get_color(), label=variant)
-      axes[1].plot(layers, g[0]['branch'], lw=0.8, ls='--', color=line.get_color())
+      axes[1].plot(layers, g[max(g)]['branch'], lw=1, color=color, label=variant)
+      axes[1].plot(layers, g[0]['branch'], lw=0.8, ls='--', color=color)
   _depth_axis(axes[0], rows, 'first block / last block', 'gradient-norm ratio (dashed: init)')
   axes[0].axhline(1, color='k', lw=0.6)
   _log_if_spread(axes[0])
