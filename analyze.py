@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 
 from hyperconn_jax import cli
+from hyperconn_jax import host_malloc
 from hyperconn_jax import metrics
 
 _WORKDIR = flags.DEFINE_multi_string('workdir', None, 'Training run directory (repeatable).',
@@ -37,8 +38,9 @@ _COMPARE_DIR = flags.DEFINE_string('compare_dir', None, 'Where the overlay plots
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  metrics.quiet_library_logs()
   from configs import base  # pylint: disable=g-import-not-at-top
+  host_malloc.configure(base.get_config().train.host_malloc)  # Before JAX starts threads.
+  metrics.quiet_library_logs()
   from hyperconn_jax.analysis import runner  # pylint: disable=g-import-not-at-top
   try:
     analyses = runner.check_analyses(_ANALYSES.value)

@@ -14,6 +14,7 @@ from absl import flags
 from absl import logging
 
 from hyperconn_jax import cli
+from hyperconn_jax import host_malloc
 from hyperconn_jax import distributed
 from hyperconn_jax import metrics
 
@@ -106,6 +107,8 @@ def format_table(result: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from configs import base  # pylint: disable=g-import-not-at-top
+  host_malloc.configure(base.get_config().train.host_malloc)  # Before JAX starts threads.
   _INITIALIZE_DISTRIBUTED()
   metrics.quiet_library_logs()
   mesh_shape = None

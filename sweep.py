@@ -33,6 +33,7 @@ from absl import flags
 from absl import logging
 
 from hyperconn_jax import cli
+from hyperconn_jax import host_malloc
 from hyperconn_jax import metrics
 from hyperconn_jax import paths
 
@@ -168,6 +169,8 @@ def _execute(runs, command: str) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from configs import base  # pylint: disable=g-import-not-at-top
+  host_malloc.configure(base.get_config().train.host_malloc)  # Before JAX starts threads.
   metrics.quiet_library_logs()
   from configs import paper  # pylint: disable=g-import-not-at-top
   from hyperconn_jax import sweep  # pylint: disable=g-import-not-at-top

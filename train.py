@@ -11,10 +11,12 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from hyperconn_jax import cli
 from hyperconn_jax import distributed
+from hyperconn_jax import host_malloc
 from hyperconn_jax import metrics
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
@@ -33,6 +35,9 @@ flags.adopt_module_key_flags(distributed)  # --help lists them too.
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  with cli.usage_errors():  # Before JAX starts any thread (see host_malloc).
+    malloc = host_malloc.configure(_CONFIG.value.train.host_malloc)
+  logging.info('Host malloc: %s (train.host_malloc=%r)', malloc, _CONFIG.value.train.host_malloc)
   _INITIALIZE_DISTRIBUTED()
   metrics.quiet_library_logs()
   # Imported after distributed initialisation: nothing may touch the JAX backend before it.

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from hyperconn_jax import aot, connections, models
+from hyperconn_jax import aot, connections, host_malloc, models
 from hyperconn_jax import flops as flops_lib
 from hyperconn_jax import metrics as metrics_lib
 from hyperconn_jax import paths
@@ -404,7 +404,9 @@ def write_outputs(json_path: str, result, markdown_path: str, table: str) -> Non
 
 def main(argv=None):
   args = parse_args(argv)
-  result = {'machine': machine(),
+  # As train.py does, before JAX starts its threads.
+  applied = host_malloc.configure(base.get_config().train.host_malloc)
+  result = {'machine': {**machine(), 'host_malloc': applied},
             'args': {**vars(args), 'variants': [v.name for v in args.variants]},
             'command': ' '.join(sys.argv),
             'timing': [], 'remat_memory': [], 'compile': []}

@@ -9,10 +9,13 @@ default config). HC x4 wraps each sub-layer with the package's `HyperConnections
 defaults: dynamic, tanh, RMSNorm on the streams; streams folded into the batch, as the package
 does) and expands / reduces with its stream functions.
 
-For each width d, all four steps (JAX residual and DHC x4 from bench.Compiled, i.e. the project's
-own jitted train step; PyTorch residual and HC x4) are built and warmed up, then timed
-interleaved in one process: every round runs one step of each, in a rotated order, so machine
-drift cancels in the ratios (each ratio is the median over rounds of the ratio within a round).
+For each width d, the steps (JAX residual and DHC x4 from bench.Compiled, i.e. the project's own
+jitted train step; PyTorch residual and HC x4) are built and warmed up, then timed interleaved:
+every round runs one step of each, in a rotated order, so machine drift cancels in the ratios
+(each ratio is the median over rounds of the ratio within a round). JAX runs in this process with
+train.host_malloc applied as train.py applies it; PyTorch runs in a process of its own, driven
+from this one, with glibc's malloc as PyTorch users get it ('system'), and with --torch_malloc
+containing 'reuse' also in a second process with our malloc setting (which speeds it up too).
 
   pip install --no-deps -r benchmarks/requirements-peer.txt
   python benchmarks/peer_torch.py --out=runs/peer_torch.json --markdown=runs/peer_torch.md
@@ -24,9 +27,11 @@ See docs/performance.md for the latest results and the exact command.
 import argparse
 import importlib.metadata
 import math
+import multiprocessing
 import os
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +43,8 @@ import torch.nn.functional as F
 import hyper_connections
 
 import bench
+from configs import base
+from hyperconn_jax import host_malloc
 
 HC_RATE = 4
 
@@ -158,8 +165,51 @@ class TorchStep:
     return elapsed, elapsed_cpu
 
 
-def time_width(d: int, args) -> list[dict]:
-  """Builds the four steps at width d, times them interleaved; one row each."""
+def _torch_worker(conn, malloc: str, shape: dict) -> None:
+  """A PyTorch process (spawned, so its malloc starts at glibc's defaults; `malloc` is
+  train.host_malloc's choice for it): ('build', d) builds residual and HC steps at width d,
+  ('run', name) runs one and sends back (wall, CPU) seconds, None ends it."""
+  host_malloc.configure(malloc)
+  steps = {}
+  for command, arg in iter(conn.recv, None):
+    if command == 'build':
+      steps = {'residual': TorchStep(d=arg, hc_rate=0, **shape),
+               f'HC x{HC_RATE}': TorchStep(d=arg, hc_rate=HC_RATE, **shape)}
+      conn.send(None)
+    else:
+      conn.send(steps[arg].run())
+
+
+class TorchProcess:
+  """PyTorch steps in their own process, driven from this one (so the two frameworks alternate
+  on the CPU, each with its own allocator settings)."""
+
+  def __init__(self, malloc: str, shape: dict):
+    context = multiprocessing.get_context('spawn')
+    self.conn, child = context.Pipe()
+    self.process = context.Process(target=_torch_worker, args=(child, malloc, shape), daemon=True)
+    self.process.start()
+
+  def build(self, d: int) -> None:
+    self.conn.send(('build', d))
+    self.conn.recv()
+
+  def step(self, name: str):
+    """An object whose run() runs step `name` ('residual', 'HC x4') in the PyTorch process."""
+    return types.SimpleNamespace(run=lambda: self._run(name))
+
+  def _run(self, name: str) -> tuple[float, float]:
+    self.conn.send(('run', name))
+    return self.conn.recv()
+
+  def close(self) -> None:
+    self.conn.send(None)
+    self.process.join()
+
+
+def time_width(d: int, args, torch_processes: dict) -> list[dict]:
+  """Builds the steps at width d (ours here; PyTorch's in `torch_processes`, one per malloc
+  mode), times them interleaved; one row each."""
   shape = dict(layers=args.layers, seq=args.seq, batch=args.batch)
   members = []
   for name, variant in (('JAX residual', bench.BASELINE_VARIANT),
@@ -167,8 +217,10 @@ def time_width(d: int, args) -> list[dict]:
     compiled = bench.Compiled(bench.make_config(variant, d=d, remat_policy='none', **shape),
                               allocate=True)
     members.append((name, compiled))
-  members.append(('PyTorch residual', TorchStep(d=d, hc_rate=0, **shape)))
-  members.append((f'PyTorch HC x{HC_RATE}', TorchStep(d=d, hc_rate=HC_RATE, **shape)))
+  for malloc, process in torch_processes.items():
+    process.build(d)
+    for model in ('residual', f'HC x{HC_RATE}'):
+      members.append((_torch_name(model, malloc), process.step(model)))
   for name, step in members:
     for _ in range(args.warmup):
       step.run()
@@ -180,40 +232,57 @@ def time_width(d: int, args) -> list[dict]:
       w, c = step.run()
       wall[name].append(w)
       cpu[name].append(c)
-  base = {'JAX': np.asarray(wall['JAX residual']), 'PyTorch': np.asarray(wall['PyTorch residual'])}
-  torch_of = {'JAX residual': 'PyTorch residual',
-              f'JAX DHC x{HC_RATE}': f'PyTorch HC x{HC_RATE}'}
   rows = []
   for name, _ in members:
     t = np.asarray(wall[name])
+    own_residual = name.replace(f'DHC x{HC_RATE}', 'residual').replace(f'HC x{HC_RATE}',
+                                                                          'residual')
     row = {'d': d, 'name': name, **shape, 'step_s_median': float(np.median(t)),
            'step_s_all': [float(x) for x in t], 'step_cpu_s_median': float(np.median(cpu[name])),
            'tokens_per_s': float(args.batch * args.seq / np.median(t)),
-           'ratio_to_own_residual': float(np.median(t / base[name.split()[0]]))}
-    if name in torch_of:
-      row['ratio_to_pytorch'] = float(np.median(t / np.asarray(wall[torch_of[name]])))
+           'ratio_to_own_residual': float(np.median(t / np.asarray(wall[own_residual])))}
+    if name.startswith('JAX'):
+      model = 'residual' if name == 'JAX residual' else f'HC x{HC_RATE}'
+      row['ratio_to_pytorch'] = {
+          malloc: float(np.median(t / np.asarray(wall[_torch_name(model, malloc)])))
+          for malloc in torch_processes}
     rows.append(row)
   return rows
 
 
+def _torch_name(model: str, malloc: str) -> str:
+  """'PyTorch residual' (glibc's default malloc, as PyTorch runs) or 'PyTorch residual, malloc
+  reuse'."""
+  return f'PyTorch {model}' + ('' if malloc == 'system' else f', malloc {malloc}')
+
+
 def markdown(result: dict) -> str:
-  """The side-by-side table (one line per width) of a result of this script."""
+  """The side-by-side table (one line per width) of a result of this script: PyTorch as it runs
+  by default (glibc's malloc untouched), and its residual step with our malloc setting too."""
   a = result['args']
+  reuse = 'reuse' in a['torch_malloc'].split(',')
   lines = [f"Train step (forward, backward, clipping, AdamW), fp32, {a['layers']} layers x batch "
            f"{a['batch']} x sequence {a['seq']}; median of {a['steps']} interleaved rounds after "
            f"{a['warmup']} warm-up steps; ratios are medians over rounds of the ratio within a "
-           'round.', '',
-           '| d | JAX residual s | PyTorch residual s | JAX / PyTorch | JAX DHC x4 tok/s | '
-           'PyTorch HC x4 tok/s | DHC / HC tok/s | JAX DHC x4 / res | PyTorch HC x4 / res |',
-           '|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+           f"round. JAX with train.host_malloc={result['host_malloc']!r}, as train.py runs; "
+           'PyTorch in its own process with glibc malloc as it comes'
+           + (' (and, in the last two columns, with malloc reuse like ours).' if reuse else '.'),
+           '', '| d | JAX residual s | PyTorch residual s | JAX / PyTorch | JAX DHC x4 tok/s | '
+           'PyTorch HC x4 tok/s | DHC / HC tok/s | JAX DHC x4 / res | PyTorch HC x4 / res |'
+           + (' PyTorch residual s, malloc reuse | JAX / PyTorch, malloc reuse |' if reuse else ''),
+           '|---:|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|---:|' if reuse else '')]
   for d in sorted({r['d'] for r in result['rows']}):
     by = {r['name']: r for r in result['rows'] if r['d'] == d}
     jr, tr = by['JAX residual'], by['PyTorch residual']
     jh, th = by[f'JAX DHC x{HC_RATE}'], by[f'PyTorch HC x{HC_RATE}']
-    lines.append(f"| {d} | {jr['step_s_median']:.3f} | {tr['step_s_median']:.3f} | "
-                 f"{jr['ratio_to_pytorch']:.2f} | {jh['tokens_per_s']:,.0f} | "
-                 f"{th['tokens_per_s']:,.0f} | {1 / jh['ratio_to_pytorch']:.2f} | "
-                 f"{jh['ratio_to_own_residual']:.3f} | {th['ratio_to_own_residual']:.3f} |")
+    line = (f"| {d} | {jr['step_s_median']:.3f} | {tr['step_s_median']:.3f} | "
+            f"{jr['ratio_to_pytorch']['system']:.2f} | {jh['tokens_per_s']:,.0f} | "
+            f"{th['tokens_per_s']:,.0f} | {1 / jh['ratio_to_pytorch']['system']:.2f} | "
+            f"{jh['ratio_to_own_residual']:.3f} | {th['ratio_to_own_residual']:.3f} |")
+    if reuse:
+      line += (f" {by['PyTorch residual, malloc reuse']['step_s_median']:.3f} | "
+               f"{jr['ratio_to_pytorch']['reuse']:.2f} |")
+    lines.append(line)
   return '\n'.join(lines) + '\n'
 
 
@@ -225,19 +294,31 @@ def main(argv=None):
   p.add_argument('--seq', type=int, default=256)
   p.add_argument('--steps', type=int, default=10, help='interleaved timing rounds')
   p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--torch_malloc', default='system,reuse',
+                 help="PyTorch processes, one per malloc mode: 'system' (as PyTorch runs; "
+                 "required, the targets' reference) and optionally 'reuse' (ours)")
   p.add_argument('--out', default='', help='JSON output path')
   p.add_argument('--markdown', default='', help='markdown output path')
   args = p.parse_args(argv)
-  result = {'args': vars(args), 'machine': bench.machine(), 'torch': torch.__version__,
-            'torch_threads': torch.get_num_threads(),
+  mallocs = args.torch_malloc.split(',')
+  if 'system' not in mallocs or not set(mallocs) <= {'system', 'reuse'}:
+    p.error(f"--torch_malloc must list 'system' and optionally 'reuse', got {args.torch_malloc!r}")
+  # As train.py does, before JAX starts its threads.
+  applied = host_malloc.configure(base.get_config().train.host_malloc)
+  shape = dict(layers=args.layers, seq=args.seq, batch=args.batch)
+  torch_processes = {malloc: TorchProcess(malloc, shape) for malloc in mallocs}
+  result = {'args': vars(args), 'machine': bench.machine(), 'host_malloc': applied,
+            'torch': torch.__version__, 'torch_threads': torch.get_num_threads(),
             'hyper_connections': importlib.metadata.version('hyper-connections'), 'rows': []}
   for d in [int(x) for x in args.d.split(',')]:
-    result['rows'] += time_width(d, args)
+    result['rows'] += time_width(d, args, torch_processes)
     result['machine']['load_average_end'] = list(os.getloadavg())
     table = markdown(result)
     print(table, flush=True)
     # Written after every width, so a long run keeps what it measured.
     bench.write_outputs(args.out, result, args.markdown, table)
+  for process in torch_processes.values():
+    process.close()
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 
-from hyperconn_jax import data, models, sharding
+from hyperconn_jax import data, host_malloc, models, sharding
 
 SCHEDULES = ('cosine', 'constant', 'step')
 MOMENT_DTYPES = ('float32', 'bfloat16')
@@ -106,6 +106,7 @@ def _validate_train(config) -> None:
          'must be an integer (<= 0: the whole validation split)')
   for name in ('profile_start_step', 'profile_num_steps'):
     _check(_is_int(t[name]) and t[name] >= 0, f'train.{name}', t[name], 'must be an integer >= 0')
+  host_malloc.validate(t.host_malloc)
   _check(t.batch_size % config.optim.grad_accum_steps == 0, 'train.batch_size', t.batch_size,
          f'must be divisible by optim.grad_accum_steps={config.optim.grad_accum_steps}')
   if config.data.num_shards > 0:

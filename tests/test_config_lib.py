@@ -149,6 +149,7 @@ BAD_VALUES = [
     ('train.checkpoint_every', 0, {}),
     ('train.profile_start_step', -1, {}),
     ('train.profile_num_steps', -2, {}),
+    ('train.host_malloc', 'fast', {}),
     ('checkpoint.keep_latest', 0, {}),
     ('checkpoint.keep_best', -1, {}),
     ('checkpoint.keep_every', 3, {}),  # Not a multiple of train.checkpoint_every (200).
