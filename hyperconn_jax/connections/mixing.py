@@ -1,9 +1,12 @@
 """The large contractions of the hyper-connections: the dynamic projection of the normalised
 streams (float32), and the width and depth connections (in the streams' dtype).
 
-For the width and depth connections, coefficients arrive in float32 and are cast to the streams'
-dtype; contractions accumulate in float32. A coefficient tensor without leading batch axes is
-shared by every token (static HC).
+For the width and depth connections, coefficients arrive in float32; products and sums are float32,
+results are cast to the streams' dtype. A coefficient tensor without leading batch axes is shared
+by every token (static HC). The sums over the few streams are unrolled element-wise multiply-adds
+and the per-token inner products matrix-vector products: XLA fuses the former into one pass over
+the streams, where per-token matrix-matrix dot_generals with N x M matrices cost XLA:CPU about
+twice as much (one small matmul call per token).
 
 The width and depth connections have hand-written gradients that keep D the minor axis of every
 big operand and never broadcast the branch output or the coefficients to the [B, L, N, D] shape of
@@ -75,11 +78,26 @@ def _mean_square_bwd(x_BxLxNxW, g_BxLxNx1):
 mean_square.defvjp(_mean_square_fwd, _mean_square_bwd)
 
 
-def _token_dot(lhs, rhs, contract: tuple[int, int]):
-  """Per-token matmul: the leading ndim - 2 axes of both operands are batch axes."""
-  batch = tuple(range(lhs.ndim - 2))
-  return jax.lax.dot_general(lhs, rhs, (((contract[0],), (contract[1],)), (batch, batch)),
-                             preferred_element_type=jnp.float32)
+def _weighted_sum(w_BxLxJxK: jax.Array, v_BxLxJxD: jax.Array, dtype) -> jax.Array:
+  """out[..., k, :] = sum_j w[..., j, k] v[..., j, :], [B, L, K, D] in `dtype`, as J x K
+  element-wise multiply-adds (float32) that XLA fuses into one pass over v.
+
+  J and K are the (small) stream counts. Per-token dot_generals with these tiny matrices cost
+  XLA:CPU 2-3x the time of the fused element-wise form (one small matmul call per token).
+  """
+  v = v_BxLxJxD.astype(jnp.float32)
+  w = w_BxLxJxK.astype(jnp.float32)
+  outs = [sum(w[..., j, k, None] * v[..., j, :] for j in range(v.shape[-2]))
+          for k in range(w.shape[-1])]
+  return jnp.stack(outs, axis=-2).astype(dtype)
+
+
+def _inner(a_BxLxJxD: jax.Array, b_BxLxKxD: jax.Array) -> jax.Array:
+  """out[..., j, k] = <a[..., j, :], b[..., k, :]> in float32, [B, L, J, K]: K per-token
+  matrix-vector products (faster on XLA:CPU than one per-token matrix-matrix dot_general)."""
+  outs = [jnp.einsum('...jd,...d->...j', a_BxLxJxD, b_BxLxKxD[..., k, :],
+                     preferred_element_type=jnp.float32) for k in range(b_BxLxKxD.shape[-2])]
+  return jnp.stack(outs, axis=-1)
 
 
 def mix_streams(coef_NxM: jax.Array, x_BxLxNxD: jax.Array) -> jax.Array:
@@ -89,17 +107,14 @@ def mix_streams(coef_NxM: jax.Array, x_BxLxNxD: jax.Array) -> jax.Array:
     coef_NxM: [N, M] (shared by all tokens) or [B, L, N, M] (per token), any float dtype.
     x_BxLxNxD: the streams [B, L, N, D].
   """
-  # One small (M x N) @ (N x D) matmul per token, token axes as batch axes: its output is
-  # already [B, L, M, D]. A shared coefficient is broadcast to every token (N x M floats each).
+  # A shared coefficient is broadcast to every token (N x M floats each; fused, not written).
   coef_BxLxNxM = jnp.broadcast_to(coef_NxM, (*x_BxLxNxD.shape[:-2], *coef_NxM.shape[-2:]))
   return _mix(coef_BxLxNxM, x_BxLxNxD)
 
 
 @jax.custom_vjp
 def _mix(coef_BxLxNxM, x_BxLxNxD):
-  nd = x_BxLxNxD.ndim
-  y = _token_dot(coef_BxLxNxM.astype(x_BxLxNxD.dtype), x_BxLxNxD, (nd - 2, nd - 2))
-  return y.astype(x_BxLxNxD.dtype)
+  return _weighted_sum(coef_BxLxNxM, x_BxLxNxD, x_BxLxNxD.dtype)
 
 
 def _mix_fwd(coef_BxLxNxM, x_BxLxNxD):
@@ -108,11 +123,10 @@ def _mix_fwd(coef_BxLxNxM, x_BxLxNxD):
 
 def _mix_bwd(residuals, dy_BxLxMxD):
   coef_BxLxNxM, x_BxLxNxD = residuals
-  nd = x_BxLxNxD.ndim
   # dx[n, :] = sum_m coef[n, m] dy[m, :]  and  dcoef[n, m] = <x[n, :], dy[m, :]>, per token.
-  dx = _token_dot(coef_BxLxNxM.astype(x_BxLxNxD.dtype), dy_BxLxMxD, (nd - 1, nd - 2))
-  dcoef = _token_dot(x_BxLxNxD, dy_BxLxMxD, (nd - 1, nd - 1))
-  return dcoef.astype(coef_BxLxNxM.dtype), dx.astype(x_BxLxNxD.dtype)
+  dx = _weighted_sum(jnp.swapaxes(coef_BxLxNxM, -1, -2), dy_BxLxMxD, x_BxLxNxD.dtype)
+  dcoef = _inner(x_BxLxNxD, dy_BxLxMxD.astype(x_BxLxNxD.dtype))
+  return dcoef.astype(coef_BxLxNxM.dtype), dx
 
 
 _mix.defvjp(_mix_fwd, _mix_bwd)
@@ -147,14 +161,12 @@ def _add_branch_fwd(beta_BxLxN, y_BxLxKxD, res_BxLxNxD):
 
 def _add_branch_bwd(residuals, dout_BxLxNxD):
   beta_BxLxN, y_BxLxKxD, res_dtype = residuals
-  nd = dout_BxLxNxD.ndim
-  # Both reductions over the big cotangent are per-token matmuls (XLA's CPU reductions would
-  # need beta and y broadcast to the full [B, L, N, D] shape first).
+  # Neither gradient broadcasts beta or y to the [B, L, N, D] shape of the cotangent (XLA's CPU
+  # reductions would need such broadcast operands materialised).
   if y_BxLxKxD.shape[-2] == 1:  # One branch output for every stream.
     # dbeta[n] = <dout[n, :], y>,  dy = sum_n beta[n] dout[n, :].
-    dbeta = _token_dot(dout_BxLxNxD, y_BxLxKxD.astype(dout_BxLxNxD.dtype), (nd - 1, nd - 1))[..., 0]
-    dy = _token_dot(beta_BxLxN[..., None].astype(dout_BxLxNxD.dtype), dout_BxLxNxD,
-                    (nd - 2, nd - 2))
+    dbeta = _inner(dout_BxLxNxD, y_BxLxKxD.astype(dout_BxLxNxD.dtype))[..., 0]
+    dy = _weighted_sum(beta_BxLxN[..., None], dout_BxLxNxD, jnp.float32)
   else:  # One branch output per stream (Frac-Connections' fractions).
     dout = dout_BxLxNxD.astype(jnp.float32)
     dbeta = jnp.sum(dout * y_BxLxKxD.astype(jnp.float32), axis=-1)
