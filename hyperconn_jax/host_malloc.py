@@ -6,8 +6,8 @@ that large with a fresh mmap: it is above the mmap threshold (128 KiB, raised dy
 most 32 MiB) and above the 64 MiB a thread's own arena can grow to. The kernel then zero-fills
 every page of it on first touch, in every step: about 87,000 page faults and a fifth of a d = 256
 CPU step (docs/performance.md). 'reuse' serves such buffers from the main heap instead (one arena,
-an mmap threshold of 1 GiB, no trimming of freed memory), so each step reuses the pages the
-previous step freed. The cost: the process keeps its peak heap instead of returning freed memory
+no request served by its own mmap, no trimming of freed memory), so each step reuses the pages
+the previous step freed. The cost: the process keeps its peak heap instead of returning freed memory
 to the system, and all threads share one arena (contention only matters for threads that malloc
 heavily; those of an accelerator host's input pipeline might).
 
@@ -25,9 +25,8 @@ import platform
 MODES = ('auto', 'reuse', 'system')
 
 # mallopt parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_MMAP_THRESHOLD = 1 << 30  # Requests above 1 GiB still get their own mmap.
-_NO_TRIM = 2 ** 31 - 1
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_NO_TRIM = 2 ** 31 - 1  # The largest value (an int): freed memory stays in the heap.
 
 # Device files of accelerators whose buffers are not host memory: TPU (accel: v4/v5e/v6e, vfio:
 # v5p), NVIDIA and AMD GPUs.
@@ -59,8 +58,9 @@ def configure(mode: str) -> str:
   applied = resolve(mode)
   if applied == 'reuse':
     libc = ctypes.CDLL(None)  # The process's own C library (glibc, checked by resolve).
-    for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
-                         (_M_TRIM_THRESHOLD, _NO_TRIM)):
+    # No request gets its own mmap (M_MMAP_MAX 0; glibc still maps more heap when it cannot
+    # grow it), whatever its size: the temporaries of a d = 1024 step exceed any threshold.
+    for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NO_TRIM)):
       if not libc.mallopt(param, value):
         raise OSError(f'mallopt({param}, {value}) failed')
   return applied

@@ -119,8 +119,9 @@ def _normed_projection(x_BxLxNxD: jax.Array, phi_NxDxK: jax.Array, eps: float) -
   x_BxLxND = x_BxLxNxD.astype(jnp.float32).reshape(*x_BxLxNxD.shape[:-2], -1)
   inv_rms_BxLx1 = jax.lax.rsqrt(mixing.mean_square(x_BxLxND) + eps)
   phi_NDxK = phi_NxDxK.astype(jnp.float32).reshape(x_BxLxND.shape[-1], -1)
-  proj_BxLxK = jnp.einsum('...c,ck->...k', x_BxLxND, phi_NDxK,
-                          precision=jax.lax.Precision.HIGHEST)
+  # As a 2-D matmul of the flattened rows (see mixing.normed_projection).
+  proj_BxLxK = jnp.dot(x_BxLxND.reshape(-1, x_BxLxND.shape[-1]), phi_NDxK,
+                       precision=jax.lax.Precision.HIGHEST).reshape(*x_BxLxND.shape[:-1], -1)
   return proj_BxLxK * inv_rms_BxLx1
 
 

@@ -45,7 +45,10 @@ def normed_projection(x_BxLxNxW: jax.Array, w_WxK: jax.Array, kind: str,
   width = x.shape[-1]
   if kind == 'layernorm':
     w_WxK = jnp.concatenate([w_WxK, jnp.full((width, 1), 1.0 / width, jnp.float32)], axis=1)
-  proj_BxLxNxK = jnp.einsum('...w,wk->...k', x, w_WxK, precision=jax.lax.Precision.HIGHEST)
+  # A 2-D matmul of the flattened rows: XLA:CPU turns the weight gradient of the batched einsum
+  # '...w,wk->...k' into a transposing copy of the cotangent (as for the dense layers).
+  proj_BxLxNxK = jnp.dot(x.reshape(-1, width), w_WxK, precision=jax.lax.Precision.HIGHEST
+                         ).reshape(*x.shape[:-1], w_WxK.shape[-1])
   if kind == 'none':
     return proj_BxLxNxK
   mean_square_BxLxNx1 = mean_square(x)
