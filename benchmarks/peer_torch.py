@@ -36,7 +36,9 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -250,6 +252,42 @@ def time_width(d: int, args, torch_processes: dict) -> list[dict]:
   return rows
 
 
+def gemm_shapes(d: int, tokens: int) -> list[tuple[int, int, int]]:
+  """(M, K, N) of the dense products of one layer's MLP (d -> 4d -> d) and one d x d attention
+  projection: forward x W, input gradient g W^T and weight gradient x^T g of each."""
+  f = 4 * d
+  return [(tokens, d, f), (tokens, f, d), (d, tokens, f),   # MLP up (and gate)
+          (tokens, f, d), (tokens, d, f), (f, tokens, d),   # MLP down
+          (tokens, d, d), (tokens, d, d), (d, tokens, d)]   # q, k, v or o
+
+
+def time_gemms(d: int, args) -> dict:
+  """The fp32 GEMMs of gemm_shapes, XLA:CPU (a jitted jnp.dot) against torch.matmul, both in
+  this process (the same allocator), interleaved; summed medians over args.gemm_rounds."""
+  xla_s = torch_s = flops = 0.0
+  rng = np.random.default_rng(0)
+  for m, k, n in gemm_shapes(d, args.batch * args.seq):
+    a = rng.standard_normal((m, k), np.float32)
+    b = rng.standard_normal((k, n), np.float32)
+    xla_a, xla_b, dot = jnp.asarray(a), jnp.asarray(b), jax.jit(jnp.dot)
+    torch_a, torch_b = torch.from_numpy(a), torch.from_numpy(b)
+    dot(xla_a, xla_b).block_until_ready()
+    torch.matmul(torch_a, torch_b)
+    times = {'xla': [], 'torch': []}
+    for _ in range(args.gemm_rounds):
+      start = time.perf_counter()
+      dot(xla_a, xla_b).block_until_ready()
+      times['xla'].append(time.perf_counter() - start)
+      start = time.perf_counter()
+      torch.matmul(torch_a, torch_b)
+      times['torch'].append(time.perf_counter() - start)
+    xla_s += float(np.median(times['xla']))
+    torch_s += float(np.median(times['torch']))
+    flops += 2.0 * m * k * n
+  return {'d': d, 'xla_s': xla_s, 'torch_s': torch_s, 'xla_gflops': flops / xla_s / 1e9,
+          'torch_gflops': flops / torch_s / 1e9, 'xla_over_torch': xla_s / torch_s}
+
+
 def _torch_name(model: str, malloc: str) -> str:
   """'PyTorch residual' (glibc's default malloc, as PyTorch runs) or 'PyTorch residual, malloc
   reuse'."""
@@ -271,6 +309,8 @@ def markdown(result: dict) -> str:
            'PyTorch HC x4 tok/s | DHC / HC tok/s | JAX DHC x4 / res | PyTorch HC x4 / res |'
            + (' PyTorch residual s, malloc reuse | JAX / PyTorch, malloc reuse |' if reuse else ''),
            '|---:|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|---:|' if reuse else '')]
+  if not result['rows']:  # --gemm_only
+    lines = []
   for d in sorted({r['d'] for r in result['rows']}):
     by = {r['name']: r for r in result['rows'] if r['d'] == d}
     jr, tr = by['JAX residual'], by['PyTorch residual']
@@ -283,6 +323,15 @@ def markdown(result: dict) -> str:
       line += (f" {by['PyTorch residual, malloc reuse']['step_s_median']:.3f} | "
                f"{jr['ratio_to_pytorch']['reuse']:.2f} |")
     lines.append(line)
+  if result.get('gemms'):
+    lines += ['', f"The fp32 GEMMs of one layer's dense products (MLP up, down and one d x d "
+              f"projection; forward, input and weight gradients; {a['batch'] * a['seq']} tokens), "
+              f"median of {a['gemm_rounds']} interleaved calls each, summed, both in this process:",
+              '', '| d | XLA:CPU ms | GFLOP/s | torch.matmul ms | GFLOP/s | XLA / torch |',
+              '|---:|---:|---:|---:|---:|---:|']
+    lines += [f"| {g['d']} | {1e3 * g['xla_s']:.1f} | {g['xla_gflops']:.0f} | "
+              f"{1e3 * g['torch_s']:.1f} | {g['torch_gflops']:.0f} | {g['xla_over_torch']:.2f} |"
+              for g in result['gemms']]
   return '\n'.join(lines) + '\n'
 
 
@@ -294,6 +343,9 @@ def main(argv=None):
   p.add_argument('--seq', type=int, default=256)
   p.add_argument('--steps', type=int, default=10, help='interleaved timing rounds')
   p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--gemm_rounds', type=int, default=15,
+                 help='calls per GEMM in the XLA vs torch.matmul table (0: no table)')
+  p.add_argument('--gemm_only', action='store_true', help='only the GEMM table')
   p.add_argument('--torch_malloc', default='system,reuse',
                  help="PyTorch processes, one per malloc mode: 'system' (as PyTorch runs; "
                  "required, the targets' reference) and optionally 'reuse' (ours)")
@@ -306,12 +358,17 @@ def main(argv=None):
   # As train.py does, before JAX starts its threads.
   applied = host_malloc.configure(base.get_config().train.host_malloc)
   shape = dict(layers=args.layers, seq=args.seq, batch=args.batch)
-  torch_processes = {malloc: TorchProcess(malloc, shape) for malloc in mallocs}
+  torch_processes = ({} if args.gemm_only else
+                     {malloc: TorchProcess(malloc, shape) for malloc in mallocs})
   result = {'args': vars(args), 'machine': bench.machine(), 'host_malloc': applied,
             'torch': torch.__version__, 'torch_threads': torch.get_num_threads(),
-            'hyper_connections': importlib.metadata.version('hyper-connections'), 'rows': []}
+            'hyper_connections': importlib.metadata.version('hyper-connections'), 'rows': [],
+            'gemms': []}
   for d in [int(x) for x in args.d.split(',')]:
-    result['rows'] += time_width(d, args, torch_processes)
+    if args.gemm_rounds:
+      result['gemms'].append(time_gemms(d, args))
+    if not args.gemm_only:
+      result['rows'] += time_width(d, args, torch_processes)
     result['machine']['load_average_end'] = list(os.getloadavg())
     table = markdown(result)
     print(table, flush=True)
