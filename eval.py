@@ -14,8 +14,8 @@ from absl import flags
 from absl import logging
 
 from hyperconn_jax import cli
-from hyperconn_jax import host_malloc
 from hyperconn_jax import distributed
+from hyperconn_jax import host_malloc
 from hyperconn_jax import metrics
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Working directory of a training run.',

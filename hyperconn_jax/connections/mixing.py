@@ -5,8 +5,8 @@ For the width and depth connections, coefficients arrive in float32; products an
 results are cast to the streams' dtype. A coefficient tensor without leading batch axes is shared
 by every token (static HC). The sums over the few streams are unrolled element-wise multiply-adds
 and the per-token inner products matrix-vector products: XLA fuses the former into one pass over
-the streams, where per-token matrix-matrix dot_generals with N x M matrices cost XLA:CPU about
-twice as much (one small matmul call per token).
+the streams, where per-token matrix-matrix dot_generals with N x M matrices cost XLA:CPU 2-3x
+as much (one small matmul call per token).
 
 The width and depth connections have hand-written gradients that keep D the minor axis of every
 big operand and never broadcast the branch output or the coefficients to the [B, L, N, D] shape of
