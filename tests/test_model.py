@@ -139,6 +139,24 @@ def test_project_equals_einsum(spec, x_shape, w_shape, in_axes):
     layers.project(x, w.reshape(-1)[None, :], in_axes=in_axes)
 
 
+def test_rope_rotates_pairs_by_position_and_keeps_relative_dot_products():
+  theta, (b, l, h, k) = 10000.0, (2, 300, 2, 8)
+  x = np.asarray(jax.random.normal(jax.random.key(0), (b, l, h, k)))
+  angle = np.arange(l)[:, None] * theta ** (-np.arange(k // 2) / (k // 2))  # [L, K/2]
+  cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
+  x1, x2 = x[..., :k // 2], x[..., k // 2:]
+  want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+  got = layers.rope(jnp.asarray(x), theta)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  # The same vector at positions (i, j) and (i + s, j + s) has the same dot product.
+  same = np.broadcast_to(x[:1, :1], x.shape)
+  r = np.asarray(layers.rope(jnp.asarray(same), theta))[0, :, 0]
+  np.testing.assert_allclose(r[5] @ r[2], r[290] @ r[287], rtol=1e-5)
+  # The tables are constants of the compiled step, not sin / cos evaluated per element.
+  hlo = jax.jit(functools.partial(layers.rope, theta=theta)).lower(got).as_text()
+  assert not re.search(r'\b(sine|cosine)\b', hlo)
+
+
 def test_scan_equals_python_loop():
   cfg = tiny_config('hc', n=4, dynamic=True)
   scanned = models.build_model(cfg, nnx.Rngs(0))
