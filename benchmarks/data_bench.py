@@ -143,6 +143,8 @@ def main(argv=None):
   p.add_argument('--out', default='')
   p.add_argument('--markdown', default='')
   args = p.parse_args(argv)
+  if min(args.workers) < 1:  # Before anything is built (tokens per worker divides by it).
+    p.error(f'--workers must each be >= 1 (1 prepares in this process), got {args.workers}')
   result = {'machine': bench.machine(), 'args': vars(args), 'command': ' '.join(sys.argv),
             'prepare': [], 'pipeline': []}
   with tempfile.TemporaryDirectory() as tmp:
