@@ -88,7 +88,7 @@ def _analyze(collected, out_dir, defaults):
   what an earlier invocation wrote into out_dir); returns ({corpus: PNG paths}, {corpus: tokens}).
   `defaults`: configs/base.py's config (for rundir.load_run_config).
   """
-  from hyperconn_jax import sweep  # pylint: disable=g-import-not-at-top
+  from hyperconn_jax import checkpoint, sweep  # pylint: disable=g-import-not-at-top
   from hyperconn_jax.analysis import runner  # pylint: disable=g-import-not-at-top
   files, tokens = {}, {}
   for corpus, by_exp in collected.items():
@@ -100,7 +100,8 @@ def _analyze(collected, out_dir, defaults):
       run = runs[0]['run']
       step = sweep.num_steps(run.workdir)  # A finished run's last checkpoint.
       exp_dir = _analysis_dir(corpus_dir, exp, run)
-      r = runner.read_written(exp_dir, str(step)) or runner.analyze_checkpoint(
+      source = checkpoint.fingerprint(run.workdir, step)
+      r = runner.read_written(exp_dir, str(step), source=source) or runner.analyze_checkpoint(
           run.workdir, step, defaults=defaults, num_batches=_ANALYSIS_BATCHES.value,
           out_dir=exp_dir, label=exp)
       results[exp] = r

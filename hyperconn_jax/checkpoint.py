@@ -83,6 +83,19 @@ def abstract_model_state(model_config: ml_collections.ConfigDict, mesh: jax.shar
   return graphdef, {'params': nnx.as_pure(typed_params), 'rest': nnx.as_pure(typed_rest)}, typed_params
 
 
+def fingerprint(workdir: str, step: int) -> str | None:
+  """Identifies the checkpoint of `step` in `workdir`, e.g. '300@1796040939354834836' (the step and
+  the commit time orbax recorded in it), so that results derived from a checkpoint can tell a
+  retrained run's checkpoint of the same step from the old one; None if it has no readable
+  metadata (or does not exist)."""
+  try:
+    meta = json.loads((as_path(workdir) / DIRECTORY / str(step) / _STEP_METADATA).read_text())
+  except (OSError, ValueError):
+    return None
+  stamp = meta.get('commit_timestamp_nsecs') or meta.get('init_timestamp_nsecs')
+  return f'{step}@{stamp}' if stamp else None
+
+
 class Checkpointer:
   """Saves and restores training runs under WORKDIR/checkpoints."""
 

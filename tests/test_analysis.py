@@ -14,7 +14,7 @@ import pytest
 import helpers
 from configs import base, lm, paper
 from hyperconn_jax import connections as connections_lib
-from hyperconn_jax import sweep, train_lib
+from hyperconn_jax import checkpoint, sweep, train_lib
 from hyperconn_jax.analysis import depth, diagnostics, gradients, loading, runner, trace
 from hyperconn_jax.models import build_model
 
@@ -179,6 +179,11 @@ def test_analyze_checkpoint_writes_json_and_png(trained, tmp_path):
     for key, value in result[name].items():
       np.testing.assert_allclose(again[name][key], value, rtol=1e-6)
   assert runner.read_written(os.path.join(trained, 'analysis'), '11') is None
+  # Written from this checkpoint: reused for it, not for another run's checkpoint of step 10.
+  source = checkpoint.fingerprint(trained, 10)
+  assert source.startswith('10@') and checkpoint.fingerprint(trained, 11) is None
+  assert runner.read_written(os.path.join(trained, 'analysis'), '10', source=source)
+  assert runner.read_written(os.path.join(trained, 'analysis'), '10', source='10@1') is None
   paths = runner.compare({'a': result, 'b': again}, str(tmp_path))
   assert sorted(os.path.basename(p) for p in paths) == [
       'compare_collapse.json', 'compare_collapse.png', 'compare_gain.json', 'compare_gain.png']
@@ -229,6 +234,13 @@ def test_depth_measure_gradient_norms_match_jax_grad(trained, tmp_path):
   again = depth.measure({'dhc2_L2': [run]}, {'dhc2_L2': out}, defaults=base.get_config(),
                         num_batches=1, log=lambda _: None)['dhc2_L2']
   assert again['gradients'] == norms
+  # Gradients written from another checkpoint of the same step (an earlier run) are not reused.
+  grad_path = os.path.join(out, depth.GRADIENTS_FILE)
+  with open(grad_path, 'w') as f:
+    json.dump({'source': '10@1', 'norms': {'0': 'stale'}}, f)
+  retrained = depth.measure({'dhc2_L2': [run]}, {'dhc2_L2': out}, defaults=base.get_config(),
+                            num_batches=1, log=lambda _: None)['dhc2_L2']
+  assert retrained['gradients'] == norms
   np.testing.assert_allclose(again['collapse']['median'], measured['collapse']['median'])
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from hyperconn_jax import paths
+from hyperconn_jax import checkpoint, paths
 from hyperconn_jax.analysis import gradients, plots, results, runner
 
 GRADIENTS_FILE = 'gradients.json'
@@ -50,8 +50,9 @@ def measure(best: dict[str, list[dict[str, Any]]], analysis_dirs: dict[str, str]
   """The analyses of seed 0 (the first run) of each experiment: collapse and gain at its last
   step, gradient norms at initialisation and at every kept checkpoint.
 
-  Results are written into (and, when there, read back from) analysis_dirs[experiment], in the
-  files runner.analyze_checkpoint writes (ANALYSES) and GRADIENTS_FILE.
+  Results are written into (and, when there and written from the same final checkpoint, read
+  back from) analysis_dirs[experiment], in the files runner.analyze_checkpoint writes (ANALYSES)
+  and GRADIENTS_FILE.
 
   Args:
     best: {experiment: its runs at its best learning rate} (results.at_best_lr).
@@ -69,16 +70,20 @@ def measure(best: dict[str, list[dict[str, Any]]], analysis_dirs: dict[str, str]
     run, exp_dir = runs[0]['run'], analysis_dirs[exp]
     step = runs[0]['config']['train']['num_steps']
     log(f'depth analyses: {exp} ({run.workdir})')
-    r = runner.read_written(exp_dir, str(step), ANALYSES) or runner.analyze_checkpoint(
-        run.workdir, step, defaults=defaults, analyses=ANALYSES, num_batches=num_batches,
-        out_dir=exp_dir, label=exp)
+    # What was written from another checkpoint of this step (an earlier run) is not reused.
+    source = checkpoint.fingerprint(run.workdir, step)
+    r = runner.read_written(exp_dir, str(step), ANALYSES, source=source) or (
+        runner.analyze_checkpoint(run.workdir, step, defaults=defaults, analyses=ANALYSES,
+                                  num_batches=num_batches, out_dir=exp_dir, label=exp))
     grad_path = paths.as_path(exp_dir) / GRADIENTS_FILE
-    if grad_path.exists():
-      grads = {int(s): g for s, g in json.loads(grad_path.read_text()).items()}
+    written = json.loads(grad_path.read_text()) if grad_path.exists() else {}
+    if 'norms' in written and source in (None, written.get('source')):
+      grads = {int(s): g for s, g in written['norms'].items()}
     else:
       grads = gradients.checkpoint_gradient_norms(run.workdir, defaults=defaults,
                                                   num_batches=num_batches)
-      grad_path.write_text(json.dumps({str(s): g for s, g in grads.items()}))
+      grad_path.write_text(json.dumps({'source': source,
+                                       'norms': {str(s): g for s, g in grads.items()}}))
     out[exp] = {'collapse': r['collapse'], 'gain': r['gain'], 'gradients': grads}
   return out
 

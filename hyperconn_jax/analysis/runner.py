@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from hyperconn_jax import paths
+from hyperconn_jax import checkpoint, paths
 
 from hyperconn_jax.analysis import diagnostics, loading, plots, trace
 
@@ -64,8 +64,11 @@ def analyze_model(model, batches: list[dict[str, np.ndarray]],
   return results
 
 
-def write(results: dict[str, Any], out_dir: str, tag: str, title: str) -> list[str]:
-  """Writes <analysis>_<tag>.json and .png for each analysis in `results`; returns the paths."""
+def write(results: dict[str, Any], out_dir: str, tag: str, title: str,
+          source: str | None = None) -> list[str]:
+  """Writes <analysis>_<tag>.json and .png for each analysis in `results`; returns the paths.
+  `source` (checkpoint.fingerprint of the analysed checkpoint) goes into each JSON, for
+  read_written."""
   out = paths.as_path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   draw = {
@@ -84,7 +87,7 @@ def write(results: dict[str, Any], out_dir: str, tag: str, title: str) -> list[s
     base = os.fspath(out / f'{name}_{tag}')
     paths.as_path(base + '.json').write_text(json.dumps(
         {'analysis': name, 'label': title, 'num_tokens': results['num_tokens'],
-         'result': _jsonable(results[name])}))
+         'source': source, 'result': _jsonable(results[name])}))
     draw[name](results[name], base + '.png')
     written += [base + '.json', base + '.png']
   return written
@@ -105,17 +108,20 @@ def _arrays(value: Any) -> Any:
   return value
 
 
-def read_written(out_dir: str, tag: str,
-                 analyses: Iterable[str] = ANALYSES) -> dict[str, Any] | None:
+def read_written(out_dir: str, tag: str, analyses: Iterable[str] = ANALYSES, *,
+                 source: str | None = None) -> dict[str, Any] | None:
   """The results that `write` left in out_dir for `tag` (so a rerun need not restore and trace the
   checkpoint again), shaped like analyze_checkpoint's; None unless every analysis and its PNG is
-  there."""
+  there and, if `source` (checkpoint.fingerprint of the checkpoint to analyse) is given, was
+  written from that checkpoint (not from an earlier run's checkpoint of the same step)."""
   results, files = {}, []
   for name in check_analyses(analyses):
     base = os.fspath(paths.as_path(out_dir) / f'{name}_{tag}')
     if not (paths.as_path(base + '.json').exists() and paths.as_path(base + '.png').exists()):
       return None
     written = json.loads(paths.as_path(base + '.json').read_text())
+    if source is not None and written.get('source') != source:
+      return None
     results[name] = _arrays(written['result'])
     results['num_tokens'] = written['num_tokens']
     files += [base + '.json', base + '.png']
@@ -143,7 +149,8 @@ def analyze_checkpoint(workdir: str, step: str | int = 'latest', *, defaults,
   label = label or os.path.basename(os.path.normpath(workdir))
   out_dir = out_dir or os.fspath(paths.as_path(workdir) / 'analysis')
   results['files'] = write(results, out_dir, str(checkpoint_step),
-                           f'{label} step {checkpoint_step}')
+                           f'{label} step {checkpoint_step}',
+                           source=checkpoint.fingerprint(workdir, checkpoint_step))
   results['step'] = checkpoint_step
   return results
 
