@@ -18,6 +18,7 @@ from flax import nnx
 import helpers
 from configs import base
 from hyperconn_jax import connections, params
+from hyperconn_jax.connections import mixing
 from hyperconn_jax.connections import sinkhorn as sinkhorn_lib
 
 B, L, EPS = 2, 3, 1e-5
@@ -313,6 +314,52 @@ def test_mhc_head_reduce_matches_reference():
   x = random_streams((B, L, 3, 8))
   np.testing.assert_allclose(streams.reduce(x), ref_mhc_head(np.asarray(x, np.float64), streams),
                              rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------- hand-written gradients of mixing.py
+
+
+def _jnp_norm(x, kind):
+  if kind == 'layernorm':
+    x = x - jnp.mean(x, -1, keepdims=True)
+  if kind == 'none':
+    return x
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + EPS)
+
+
+def _assert_same_vjp(fn, ref, args, seed=7):
+  @jax.jit  # One compile rather than one per eager op.
+  def outputs_and_gradients(args):
+    out, fn_vjp = jax.vjp(fn, *args)
+    want_out, ref_vjp = jax.vjp(ref, *args)
+    cotangent = jax.random.normal(jax.random.key(seed), out.shape)
+    return (out, *fn_vjp(cotangent)), (want_out, *ref_vjp(cotangent))
+  for got, want in zip(*outputs_and_gradients(args)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind,k', [  # Narrow: a multiply-reduce weight gradient; wide: matmul.
+    ('layernorm', 3), ('rmsnorm', 3), ('none', 3), ('layernorm', mixing.NARROW_K + 1)])
+def test_normed_projection_matches_autodiff_of_the_plain_formula(kind, k):
+  x = 2.0 * random_streams((B, L, 2, 16)) + 0.5
+  w = jax.random.normal(jax.random.key(1), (16, k))
+  _assert_same_vjp(lambda x, w: mixing.normed_projection(x, w, kind, EPS),
+                   lambda x, w: jnp.einsum('...w,wk->...k', _jnp_norm(x, kind), w,
+                                           precision=jax.lax.Precision.HIGHEST), (x, w))
+
+
+@pytest.mark.parametrize('per_token', [False, True])
+def test_mix_and_add_branch_match_autodiff_of_the_plain_formula(per_token):
+  x = random_streams((B, L, 3, 8))
+  coef = jax.random.normal(jax.random.key(1), ((B, L) if per_token else ()) + (3, 4))
+  beta = jax.random.normal(jax.random.key(2), ((B, L) if per_token else ()) + (3,))
+  y = random_streams((B, L, 1, 8), seed=3)
+  _assert_same_vjp(mixing.mix_streams, lambda c, x: jnp.einsum('...nm,...nd->...md', c, x),
+                   (coef, x))
+  _assert_same_vjp(mixing.add_branch, lambda b, y, r: b[..., None] * y + r, (beta, y, x))
+  y_per_stream = random_streams((B, L, 3, 8), seed=4)  # Frac-Connections' form.
+  _assert_same_vjp(mixing.add_branch, lambda b, y, r: b[..., None] * y + r,
+                   (beta, y_per_stream, x))
 
 
 # ---------------------------------------------------------------- width mixing is applied
