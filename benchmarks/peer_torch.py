@@ -365,10 +365,11 @@ def main(argv=None):
             'hyper_connections': importlib.metadata.version('hyper-connections'), 'rows': [],
             'gemms': []}
   for d in [int(x) for x in args.d.split(',')]:
-    if args.gemm_rounds:
-      result['gemms'].append(time_gemms(d, args))
     if not args.gemm_only:
       result['rows'] += time_width(d, args, torch_processes)
+    # After the steps: at the first width, the PyTorch processes are still starting up before.
+    if args.gemm_rounds:
+      result['gemms'].append(time_gemms(d, args))
     result['machine']['load_average_end'] = list(os.getloadavg())
     table = markdown(result)
     print(table, flush=True)
