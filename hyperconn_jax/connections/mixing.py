@@ -78,7 +78,9 @@ def _narrow_project(x_RxW: jax.Array, w_WxK: jax.Array) -> jax.Array:
   Its weight gradient x^T g, [W, K] from R rows, is one pass over x; XLA:CPU runs it as a matmul
   with a transposed operand at a tenth of the memory speed (~2.5 ms for 8192 rows x 256 x 7),
   and as a broadcast multiply-reduce over the rows in a third of that (1.5-4x up to K = 24,
-  measured; slower from K ~ 80 at W = 1024). A reduction of one pass is as good on accelerators.
+  measured; slower from K ~ 80 at W = 1024). On accelerators this product is memory-bound as well
+  (K is far below a matmul unit's width), so the reduction form costs them one pass too (not
+  measured there: no accelerator was available).
   """
   return _dot(x_RxW, w_WxK)
 
