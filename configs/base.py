@@ -108,9 +108,10 @@ def model_config() -> ml_collections.ConfigDict:
       # Stack blocks with nnx.vmap + nnx.scan (False: a Python loop, for debugging).
       scan_layers=True,
       # Layers per iteration of that scan (jax.lax.scan's unroll): 0 (auto) = all of them on CPU
-      # for models of up to 8 layers, where the scan's stacked per-layer buffers (zero-filled, then
-      # written and read by dynamic slices) cost ~20% of a small model's step, else 1 (compile
-      # time flat in depth); k >= 1: k layers per iteration.
+      # for models of up to 8 layers without remat, where the scan's stacked per-layer buffers
+      # (zero-filled, then written and read by dynamic slices) cost ~20% of a small model's step,
+      # else 1 (compile time flat in depth; remat keeps its memory saving); k >= 1: k layers per
+      # iteration.
       scan_unroll=0,
       # Rematerialisation of each block: 'none' | 'full' | 'dots' | 'dots_no_batch' |
       # 'save_streams' (keep the stream state, recompute the rest) | 'offload_streams' (the stream

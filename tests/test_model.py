@@ -195,9 +195,10 @@ def test_scan_equals_python_loop():
 
 
 def test_scan_unroll_resolves_and_keeps_numerics():
-  # Tests run on CPU: auto unrolls up to CPU_UNROLL_MAX_LAYERS layers.
-  assert trunk.scan_unroll(0, 2) == 2
+  # Tests run on CPU: auto unrolls up to CPU_UNROLL_MAX_LAYERS layers, without remat only.
+  assert trunk.scan_unroll(0, 2) == 2 and trunk.scan_unroll(0, 2, 'save_streams') == 1
   assert trunk.scan_unroll(0, trunk.CPU_UNROLL_MAX_LAYERS + 1) == 1
+  assert trunk.scan_unroll(2, 2, 'full') == 2  # Asked for explicitly.
   assert trunk.scan_unroll(3, 2) == 2 and trunk.scan_unroll(1, 4) == 1
   results = []
   for unroll in (0, 1):
@@ -237,6 +238,18 @@ def no_remat_run():
   model = models.build_model(cfg, nnx.Rngs(0))
   perturb(model)
   return cfg, model, _loss_and_grads(model, tokens())
+
+
+def test_remat_saves_memory_under_the_default_scan_unroll():
+  # On CPU an unrolled scan let XLA undo remat; auto keeps the loop when remat is asked for.
+  def temp_bytes(policy):
+    cfg = tiny_config('hc', n=4, dynamic=True)
+    cfg.num_layers, cfg.remat_policy = 3, policy
+    graphdef, state = nnx.split(models.build_model(cfg, nnx.Rngs(0)))
+    tok = jnp.zeros((2, 128), jnp.int32)
+    grad = jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(tok) ** 2)))
+    return grad.lower(state).compile().memory_analysis().temp_size_in_bytes
+  assert temp_bytes('full') < 0.7 * temp_bytes('none')
 
 
 @pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch', 'save_streams',

@@ -133,13 +133,16 @@ def create_blocks(config, *, rngs: nnx.Rngs, causal: bool = True):
 CPU_UNROLL_MAX_LAYERS = 8
 
 
-def scan_unroll(unroll: int, num_layers: int) -> int:
+def scan_unroll(unroll: int, num_layers: int, policy_name: str = 'none') -> int:
   """Layers per scan iteration for config.scan_unroll (0, auto: all of them on CPU up to
-  CPU_UNROLL_MAX_LAYERS layers, else 1; see configs/base.py), on the platform of the mesh set
-  with jax.set_mesh (attention.platform)."""
+  CPU_UNROLL_MAX_LAYERS layers without remat, else 1; see configs/base.py), on the platform of
+  the mesh set with jax.set_mesh (attention.platform). policy_name: config.remat_policy."""
   if unroll == 0:
+    # Unrolled, XLA:CPU undoes remat (it drops the barriers that keep the recomputation apart
+    # and CSEs it with the forward pass): DHC x4 'save_streams' took 594 MiB instead of 264.
     cpu = attention.platform() == 'cpu'
-    return num_layers if cpu and num_layers <= CPU_UNROLL_MAX_LAYERS else 1
+    unrolls = cpu and num_layers <= CPU_UNROLL_MAX_LAYERS and policy_name == 'none'
+    return num_layers if unrolls else 1
   return min(unroll, num_layers)
 
 
@@ -169,7 +172,7 @@ def run_blocks(blocks, x_BxLxNxD: jax.Array, *, num_layers: int, scan_layers: bo
     # No transform_metadata here: nothing in the body reads sharding metadata, and flax 0.12.8
     # cannot remove the 'layers' name from scalars (out_sharding=()), which vmap never added.
     @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0),
-              unroll=scan_unroll(unroll, num_layers))
+              unroll=scan_unroll(unroll, num_layers, policy_name))
     def scan_fn(block, x_BxLxNxD, block_key):
       return block_fn(block, x_BxLxNxD, block_key)
     x_BxLxNxD, hidden, aux = scan_fn(blocks, x_BxLxNxD, keys)
