@@ -54,10 +54,12 @@ step = jax.jit(lambda x: jnp.sum(jnp.tanh(x @ x.T) @ x, axis=0))
 x = jnp.ones((4096, 1024), jnp.float32) / 1024
 for _ in range(3):
   step(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []
+for _ in range(7):  # The median step: a stray fault burst elsewhere in the process (a thread's
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # first stack pages) is not a step's.
   step(x).block_until_ready()
-print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, sorted(faults)[len(faults) // 2])
 """
 
 
@@ -70,6 +72,7 @@ def test_reuse_stops_the_page_faults_of_every_step():
                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'}).stdout.split()
     assert out[0] == mode
     faults[mode] = int(out[1])
-  # 'system': the temporaries are mapped afresh (zero-filled) every step, ~7k 4 KiB pages.
-  assert faults['system'] > 2_000, faults
-  assert faults['reuse'] < faults['system'] / 10, faults
+  # 'system': the temporaries are usually mapped afresh (zero-filled) every step, ~7-8k 4 KiB
+  # pages (glibc's dynamic mmap threshold sometimes keeps them: 0), so it is only the context of
+  # the message; 'reuse' must fault (almost) never, as it did 0-5 times per median step here.
+  assert faults['reuse'] < 200, faults
