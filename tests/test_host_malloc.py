@@ -54,9 +54,11 @@ step = jax.jit(lambda x: jnp.sum(jnp.tanh(x @ x.T) @ x, axis=0))
 x = jnp.ones((4096, 1024), jnp.float32) / 1024
 for _ in range(3):
   step(x).block_until_ready()
+# The median step's faults: a stray burst elsewhere in the process (a new thread's first stack
+# pages) is not a step's.
 faults = []
-for _ in range(7):  # The median step: a stray fault burst elsewhere in the process (a thread's
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # first stack pages) is not a step's.
+for _ in range(7):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   step(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(applied, sorted(faults)[len(faults) // 2])
