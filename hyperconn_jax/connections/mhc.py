@@ -120,8 +120,8 @@ def _normed_projection(x_BxLxNxD: jax.Array, phi_NxDxK: jax.Array, eps: float) -
   inv_rms_BxLx1 = jax.lax.rsqrt(mixing.mean_square(x_BxLxND) + eps)
   phi_NDxK = phi_NxDxK.astype(jnp.float32).reshape(x_BxLxND.shape[-1], -1)
   # As a 2-D matmul of the flattened rows (see mixing.normed_projection).
-  proj_BxLxK = jnp.dot(x_BxLxND.reshape(-1, x_BxLxND.shape[-1]), phi_NDxK,
-                       precision=jax.lax.Precision.HIGHEST).reshape(*x_BxLxND.shape[:-1], -1)
+  proj_BxLxK = mixing.project_rows(x_BxLxND.reshape(-1, x_BxLxND.shape[-1]),
+                                   phi_NDxK).reshape(*x_BxLxND.shape[:-1], -1)
   return proj_BxLxK * inv_rms_BxLx1
 
 

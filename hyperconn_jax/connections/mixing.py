@@ -47,8 +47,8 @@ def normed_projection(x_BxLxNxW: jax.Array, w_WxK: jax.Array, kind: str,
     w_WxK = jnp.concatenate([w_WxK, jnp.full((width, 1), 1.0 / width, jnp.float32)], axis=1)
   # A 2-D matmul of the flattened rows: XLA:CPU turns the weight gradient of the batched einsum
   # '...w,wk->...k' into a transposing copy of the cotangent (as for the dense layers).
-  project = _narrow_project if w_WxK.shape[-1] <= NARROW_K else _dot
-  proj_BxLxNxK = project(x.reshape(-1, width), w_WxK).reshape(*x.shape[:-1], w_WxK.shape[-1])
+  proj_BxLxNxK = project_rows(x.reshape(-1, width), w_WxK).reshape(*x.shape[:-1],
+                                                                  w_WxK.shape[-1])
   if kind == 'none':
     return proj_BxLxNxK
   mean_square_BxLxNx1 = mean_square(x)
@@ -65,6 +65,12 @@ def normed_projection(x_BxLxNxW: jax.Array, w_WxK: jax.Array, kind: str,
 
 # Widest projection whose weight gradient is a multiply-reduce over the rows rather than a matmul.
 NARROW_K = 32
+
+
+def project_rows(x_RxW: jax.Array, w_WxK: jax.Array) -> jax.Array:
+  """x @ w in float32 (HIGHEST precision) for the rows [R, W] of the flattened streams and a
+  dynamic projection w [W, K]; a narrow w (K <= NARROW_K) gets _narrow_project's gradient."""
+  return (_narrow_project if w_WxK.shape[-1] <= NARROW_K else _dot)(x_RxW, w_WxK)
 
 
 def _dot(x_RxW: jax.Array, w_WxK: jax.Array) -> jax.Array:
