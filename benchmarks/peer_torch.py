@@ -12,10 +12,14 @@ does) and expands / reduces with its stream functions.
 For each width d, the steps (JAX residual and DHC x4 from bench.Compiled, i.e. the project's own
 jitted train step; PyTorch residual and HC x4) are built and warmed up, then timed interleaved:
 every round runs one step of each, in a rotated order, so machine drift cancels in the ratios
-(each ratio is the median over rounds of the ratio within a round). JAX runs in this process with
-train.host_malloc applied as train.py applies it; PyTorch runs in a process of its own, driven
-from this one, with glibc's malloc as PyTorch users get it ('system'), and with --torch_malloc
-containing 'reuse' also in a second process with our malloc setting (which speeds it up too).
+(each ratio is the median over rounds of the ratio within a round). Each timed step or GEMM call
+follows --pause seconds of idle: the worker threads of the one before (PyTorch's OpenMP team,
+XLA's pool) spin-wait for a while after their work and would otherwise slow the next one down
+(without it, XLA's GEMMs timed right after torch.matmul measured 1.48-1.66x torch's time at
+d = 256; with 0.2 s, 1.18-1.26x). JAX runs in this process with train.host_malloc applied as
+train.py applies it; PyTorch runs in a process of its own, driven from this one, with glibc's
+malloc as PyTorch users get it ('system'), and with --torch_malloc containing 'reuse' also in a
+second process with our malloc setting (which speeds it up too).
 
   pip install --no-deps -r benchmarks/requirements-peer.txt
   python benchmarks/peer_torch.py --out=runs/peer_torch.json --markdown=runs/peer_torch.md
@@ -231,6 +235,7 @@ def time_width(d: int, args, torch_processes: dict) -> list[dict]:
   cpu = {name: [] for name, _ in members}
   for r in range(args.steps):
     for name, step in members[r % len(members):] + members[:r % len(members)]:
+      time.sleep(args.pause)
       w, c = step.run()
       wall[name].append(w)
       cpu[name].append(c)
@@ -275,9 +280,11 @@ def time_gemms(d: int, args) -> dict:
     torch.matmul(torch_a, torch_b)
     times = {'xla': [], 'torch': []}
     for _ in range(args.gemm_rounds):
+      time.sleep(args.pause)
       start = time.perf_counter()
       dot(xla_a, xla_b).block_until_ready()
       times['xla'].append(time.perf_counter() - start)
+      time.sleep(args.pause)
       start = time.perf_counter()
       torch.matmul(torch_a, torch_b)
       times['torch'].append(time.perf_counter() - start)
@@ -301,8 +308,8 @@ def markdown(result: dict) -> str:
   reuse = 'reuse' in a['torch_malloc'].split(',')
   lines = [f"Train step (forward, backward, clipping, AdamW), fp32, {a['layers']} layers x batch "
            f"{a['batch']} x sequence {a['seq']}; median of {a['steps']} interleaved rounds after "
-           f"{a['warmup']} warm-up steps; ratios are medians over rounds of the ratio within a "
-           f"round. JAX with train.host_malloc={result['host_malloc']!r}, as train.py runs; "
+           f"{a['warmup']} warm-up steps, {a['pause']} s idle before each; ratios are medians "
+           f"over rounds of the ratio within a round. JAX with train.host_malloc={result['host_malloc']!r}, as train.py runs; "
            'PyTorch in its own process with glibc malloc as it comes'
            + (' (and, in the last two columns, with malloc reuse like ours).' if reuse else '.'),
            '', '| d | JAX residual s | PyTorch residual s | JAX / PyTorch | JAX DHC x4 tok/s | '
@@ -326,7 +333,8 @@ def markdown(result: dict) -> str:
   if result.get('gemms'):
     lines += ['', f"The fp32 GEMMs of one layer's dense products (MLP up, down and one d x d "
               f"projection; forward, input and weight gradients; {a['batch'] * a['seq']} tokens), "
-              f"median of {a['gemm_rounds']} interleaved calls each, summed, both in this process:",
+              f"median of {a['gemm_rounds']} interleaved calls each ({a['pause']} s idle before "
+              "each), summed, both in this process:",
               '', '| d | XLA:CPU ms | GFLOP/s | torch.matmul ms | GFLOP/s | XLA / torch |',
               '|---:|---:|---:|---:|---:|---:|']
     lines += [f"| {g['d']} | {1e3 * g['xla_s']:.1f} | {g['xla_gflops']:.0f} | "
@@ -343,6 +351,9 @@ def main(argv=None):
   p.add_argument('--seq', type=int, default=256)
   p.add_argument('--steps', type=int, default=10, help='interleaved timing rounds')
   p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--pause', type=float, default=0.2,
+                 help='seconds of idle before each timed step or GEMM call, so that the '
+                 "previous one's spinning worker threads (OpenMP's, XLA's) have gone to sleep")
   p.add_argument('--gemm_rounds', type=int, default=15,
                  help='calls per GEMM in the XLA vs torch.matmul table (0: no table)')
   p.add_argument('--gemm_only', action='store_true', help='only the GEMM table')
