@@ -91,7 +91,7 @@ def compile_attention(name: str, *, length: int, seq_per_chip: int, devs):
 
     def loss(q, k, v):
       out = attention.attend(q, k, v, causal=True, implementation=name, block_q=512,
-                             block_kv=512)
+                             block_kv=512, block_rows=64)
       return jnp.sum(out.astype(jnp.float32))
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()

@@ -99,12 +99,16 @@ def model_config() -> ml_collections.ConfigDict:
       # bfloat16 compute is OLMo's autocast (branches compute in dtype, the residual adds in fp32).
       stream_dtype='float32',
       # Attention implementation (hyperconn_jax/models/attention.py): 'auto' (splash on TPU for
-      # lengths that are multiples of 128, cudnn on GPU with bfloat16, chunked otherwise) | 'xla' (dense [L, L] scores) |
-      # 'chunked' (blockwise online softmax, memory linear in L) | 'cudnn' | 'splash'.
+      # lengths that are multiples of 128, cudnn on GPU with bfloat16; on CPU rows up to the
+      # smaller chunked block; chunked otherwise) | 'xla' (dense [L, L] scores) | 'rows' (dense by
+      # query blocks, skipping the masked ones) | 'chunked' (blockwise online softmax, memory
+      # linear in L) | 'cudnn' | 'splash'.
       attention='auto',
       # 'chunked' tile sizes (need not divide the sequence length).
       attention_block_q=512,
       attention_block_kv=512,
+      # 'rows' query block (64: fastest on CPU at L = 256-512; need not divide L).
+      attention_block_rows=64,
       # Stack blocks with nnx.vmap + nnx.scan (False: a Python loop, for debugging).
       scan_layers=True,
       # Layers per iteration of that scan (jax.lax.scan's unroll): 0 (auto) = all of them on CPU

@@ -1,5 +1,6 @@
-"""Tests of the attention implementations (models/attention.py): chunked and splash equal the dense
-reference in values and gradients, chunked memory grows linearly in L, splash compiles for a TPU
+"""Tests of the attention implementations (models/attention.py): rows, chunked and splash equal
+the dense reference in values and gradients, rows skips the masked tiles, chunked memory grows
+linearly in L, splash compiles for a TPU
 topology (libtpu, no TPU needed), and every implementation that cannot run fails clearly."""
 
 import jax
@@ -42,6 +43,30 @@ def test_chunked_equals_xla(length, block_q, block_kv, causal):
   assert_close(got, want, 1e-5)
 
 
+# (L, block_rows): blocks that divide L, that do not, a block longer than L.
+@pytest.mark.parametrize('length,block_rows,causal', [
+    (16, 4, True), (19, 5, True), (12, 64, True), (19, 5, False)])
+def test_rows_equals_xla(length, block_rows, causal):
+  q, k, v, g = qkv_and_cotangent((2, length, 3, 8))
+  want = value_and_grads(lambda q, k, v: attention.xla(q, k, v, causal=causal), q, k, v, g)
+  got = value_and_grads(lambda q, k, v: attention.rows(
+      q, k, v, causal=causal, block_rows=block_rows), q, k, v, g)
+  assert_close(got, want, 1e-5)
+
+
+def test_rows_skips_the_masked_tiles():
+  """Causal with 4 blocks: (1 + 1/4) / 2 of the dense reference's FLOPs, forward + backward."""
+  shape = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.float32)
+
+  def flops(fn):
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
+    return grad.lower(shape, shape, shape).compile().cost_analysis()['flops']
+
+  ratio = (flops(lambda q, k, v: attention.rows(q, k, v, causal=True, block_rows=64))
+           / flops(lambda q, k, v: attention.xla(q, k, v, causal=True)))
+  assert 0.55 < ratio < 0.7, ratio
+
+
 def test_chunked_equals_xla_bfloat16():
   q, k, v, g = qkv_and_cotangent((2, 40, 2, 16), jnp.bfloat16)
   want = value_and_grads(lambda q, k, v: attention.xla(q, k, v, causal=True), q, k, v, g)
@@ -76,7 +101,7 @@ def model_config(name, attention_name, **overrides):
   c = base.get_config().model
   c.update(dict(name=name, vocab_size=64, d_model=32, num_layers=2, num_heads=2, head_dim=16,
                 mlp_dim=64, qk_norm=True, attention=attention_name, attention_block_q=8,
-                attention_block_kv=4))
+                attention_block_kv=4, attention_block_rows=4))
   c.update(overrides)
   c.connection.update(dict(kind='hc', n=2))
   if name == 'vit':
@@ -85,7 +110,7 @@ def model_config(name, attention_name, **overrides):
 
 
 @pytest.mark.parametrize('name', ['decoder_lm', 'vit'])
-def test_chunked_model_equals_xla_model(name):
+def test_chunked_and_rows_models_equal_xla_model(name):
   """Causal with RoPE (decoder) and bidirectional (ViT), with QK-norm, values and gradients."""
   inputs = (jax.random.randint(jax.random.key(1), (2, 13), 0, 64) if name == 'decoder_lm'
             else jax.random.normal(jax.random.key(1), (2, 8, 8, 1)))
@@ -93,13 +118,15 @@ def test_chunked_model_equals_xla_model(name):
   def loss(model):
     return jnp.sum(jnp.sin(model(inputs)))
 
-  results = [nnx.jit(nnx.value_and_grad(loss))(
-      models.build_model(model_config(name, impl), nnx.Rngs(0))) for impl in ('xla', 'chunked')]
-  (want_loss, want_grads), (got_loss, got_grads) = results
-  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-  want, got = helpers.flat(want_grads), helpers.flat(got_grads)
-  for key in want:
-    assert_close(got[key], want[key], 1e-4)
+  (want_loss, want_grads), *results = [
+      nnx.jit(nnx.value_and_grad(loss))(models.build_model(model_config(name, impl), nnx.Rngs(0)))
+      for impl in ('xla', 'chunked', 'rows')]
+  want = helpers.flat(want_grads)
+  for got_loss, got_grads in results:
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    got = helpers.flat(got_grads)
+    for key in want:
+      assert_close(got[key], want[key], 1e-4)
 
 
 def test_resolve():
@@ -109,6 +136,11 @@ def test_resolve():
   assert attention.resolve('auto', jnp.bfloat16, 256, on='gpu') == 'cudnn'
   assert attention.resolve('auto', jnp.float32, 256, on='gpu') == 'chunked'
   assert attention.resolve('chunked', jnp.float32, 256, on='tpu') == 'chunked'
+  # CPU: rows where chunked would run one tile (L <= its smaller block), chunked beyond.
+  assert attention.resolve('auto', jnp.float32, 512, on='cpu', chunk=512) == 'rows'
+  assert attention.resolve('auto', jnp.float32, 513, on='cpu', chunk=512) == 'chunked'
+  assert attention.resolve('auto', jnp.float32, 256, on='gpu', chunk=512) == 'chunked'
+  assert attention.resolve('auto', jnp.bfloat16, 256, on='tpu', chunk=512) == 'splash'
 
 
 @pytest.mark.parametrize('name,message', [
@@ -128,7 +160,8 @@ def test_cudnn_needs_bfloat16_on_gpu_too():
 
 
 @pytest.mark.parametrize('field,value', [('attention', 'flash'), ('attention_block_q', 0),
-                                         ('attention_block_kv', 2.5)])
+                                         ('attention_block_kv', 2.5),
+                                         ('attention_block_rows', True)])
 def test_validate_names_the_field(field, value):
   c = model_config('decoder_lm', 'auto')
   with c.ignore_type():

@@ -65,6 +65,7 @@ BAD_VALUES = [
     ('model.attention', 'cudnn', {}),  # Needs model.dtype='bfloat16'.
     ('model.attention_block_q', 0, {}),
     ('model.attention_block_kv', -1, {}),
+    ('model.attention_block_rows', 0, {}),
     ('model.scan_unroll', -1, {}),
     ('model.ffn', 'sparse', {}),
     ('model.mlp_activation', 'relu', {}),

@@ -3,6 +3,11 @@
   q_BxLxHxK, k_BxLxHxK, v_BxLxHxK -> out_BxLxHxK   (softmax(q k^T / sqrt(K)) v, causal or not)
 
 - 'xla': the dense reference: float32 [B, H, L, L] scores and softmax.
+- 'rows': dense attention in blocks of `block_rows` query rows, each block over only the keys it
+  can see (causal: its prefix), so the fully masked tiles above the diagonal are never computed:
+  (1 + 1 / blocks) / 2 of the dense work and score memory; backward by autodiff (probabilities
+  saved). Exact like 'xla'; twice as fast as 'xla' or a single-tile 'chunked' on CPU at
+  L = 256-512 with 64-row blocks, where XLA:CPU's batched matmuls are slow and short.
 - 'chunked': blockwise attention with an online softmax in plain JAX (any backend). A custom VJP
   recomputes the scores block by block in the backward pass (flash-attention style), so forward
   and backward keep only [B, H, block_q, block_kv] scores alive and memory grows linearly in L.
@@ -11,7 +16,8 @@
 - 'splash': the Pallas TPU splash-attention kernels, under `jax.shard_map` over the mesh set with
   `jax.set_mesh` (batch and heads sharded as the logical rules 'batch' and 'heads' say).
 - 'auto': splash on TPU (chunked when L is not a multiple of 128, e.g. a ViT's 197 positions),
-  cudnn on GPU (bfloat16 compute), chunked otherwise.
+  cudnn on GPU (bfloat16 compute), on CPU rows where chunked would run a single tile anyway
+  (L <= block_q and L <= block_kv: its [B, H, L, L] scores exist either way), chunked otherwise.
 
 The platform is the one of the mesh set with `jax.set_mesh` (so a model compiled ahead of time for
 a TPU topology on a CPU host picks the TPU kernels), else `jax.default_backend()`. A named
@@ -24,16 +30,17 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.core import spmd
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernels
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_masks
 
 from hyperconn_jax import sharding
 
-IMPLEMENTATIONS = ('auto', 'xla', 'chunked', 'cudnn', 'splash')
+IMPLEMENTATIONS = ('auto', 'xla', 'rows', 'chunked', 'cudnn', 'splash')
 # Platforms each named implementation runs on.
-PLATFORMS = {'xla': ('cpu', 'gpu', 'tpu'), 'chunked': ('cpu', 'gpu', 'tpu'), 'cudnn': ('gpu',),
-             'splash': ('tpu',)}
+PLATFORMS = {'xla': ('cpu', 'gpu', 'tpu'), 'rows': ('cpu', 'gpu', 'tpu'),
+             'chunked': ('cpu', 'gpu', 'tpu'), 'cudnn': ('gpu',), 'splash': ('tpu',)}
 # Splash kernels tile the sequence in blocks of this many positions (TPU lane width multiples).
 SPLASH_BLOCK = 512
 SPLASH_MIN_BLOCK = 128
@@ -46,9 +53,11 @@ def platform() -> str:
   return 'gpu' if name in ('cuda', 'rocm') else name
 
 
-def resolve(name: str, dtype, length: int, on: str | None = None) -> str:
+def resolve(name: str, dtype, length: int, on: str | None = None,
+            chunk: int | None = None) -> str:
   """The implementation `name` stands for with compute `dtype` and sequence `length` on
-  platform `on` (default: `platform()`).
+  platform `on` (default: `platform()`); `chunk`: 'chunked''s smaller block (min(block_q,
+  block_kv)), up to which 'auto' picks 'rows' on CPU (None: never).
 
   Raises ValueError naming model.attention when `name` is unknown or cannot run there.
   """
@@ -60,7 +69,7 @@ def resolve(name: str, dtype, length: int, on: str | None = None) -> str:
       return 'splash' if length % SPLASH_MIN_BLOCK == 0 else 'chunked'
     if on == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
       return 'cudnn'
-    return 'chunked'
+    return 'rows' if on == 'cpu' and chunk is not None and length <= chunk else 'chunked'
   if on not in PLATFORMS[name]:
     runnable = tuple(n for n in IMPLEMENTATIONS if n == 'auto' or on in PLATFORMS[n])
     raise ValueError(f'model.attention={name!r} needs a {" or ".join(PLATFORMS[name]).upper()} '
@@ -72,15 +81,18 @@ def resolve(name: str, dtype, length: int, on: str | None = None) -> str:
 
 
 def attend(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, *, causal: bool,
-           implementation: str, block_q: int, block_kv: int) -> jax.Array:
+           implementation: str, block_q: int, block_kv: int, block_rows: int) -> jax.Array:
   """Attention of q over k, v ([B, L, H, K], one dtype) with `implementation` (resolved here).
 
-  block_q, block_kv: 'chunked' tile sizes (model.attention_block_q / _kv). Returns [B, L, H, K]
-  in q's dtype.
+  block_q, block_kv: 'chunked' tile sizes (model.attention_block_q / _kv); block_rows: 'rows''s
+  query block (model.attention_block_rows). Returns [B, L, H, K] in q's dtype.
   """
-  name = resolve(implementation, q_BxLxHxK.dtype, q_BxLxHxK.shape[1])
+  name = resolve(implementation, q_BxLxHxK.dtype, q_BxLxHxK.shape[1],
+                 chunk=min(block_q, block_kv))
   if name == 'xla':
     return xla(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal=causal)
+  if name == 'rows':
+    return rows(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal=causal, block_rows=block_rows)
   if name == 'chunked':
     return chunked(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal=causal, block_q=block_q,
                    block_kv=block_kv)
@@ -105,6 +117,33 @@ def xla(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, *, causal: bool) -> jax.Array:
   return jnp.einsum('bhqt,bthk->bqhk', probs_BxHxLxL, v_BxLxHxK)
 
 
+# ----------------------------------------------------------------------------- rows
+
+
+def rows(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, *, causal: bool, block_rows: int) -> jax.Array:
+  """Dense attention by blocks of `block_rows` query rows (the last may be shorter), each over
+  the keys it can see (see the module docstring); the same values as 'xla'."""
+  _check_block('attention_block_rows', block_rows)
+  length, head_dim = q_BxLxHxK.shape[1], q_BxLxHxK.shape[-1]
+  if not causal:
+    block_rows = length  # Every row sees every key: one tile.
+  # Heads-major once, so each tile's batched matmuls need no transposes of their own.
+  q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = (
+      jnp.swapaxes(x, 1, 2) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+  out = []
+  for start in range(0, length, block_rows):
+    stop = min(start + block_rows, length)
+    seen = stop if causal else length
+    s_BxHxQxT = jnp.einsum('bhqk,bhtk->bhqt', q_BxHxLxK[:, :, start:stop], k_BxHxLxK[:, :, :seen],
+                           preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+    if causal:  # Trace-time mask: key t is visible to query start + i when t <= start + i.
+      visible_QxT = np.arange(seen)[None, :] <= np.arange(start, stop)[:, None]
+      s_BxHxQxT = jnp.where(visible_QxT, s_BxHxQxT, jnp.finfo(jnp.float32).min)
+    p_BxHxQxT = jax.nn.softmax(s_BxHxQxT, axis=-1).astype(q_BxLxHxK.dtype)
+    out.append(jnp.einsum('bhqt,bhtk->bhqk', p_BxHxQxT, v_BxHxLxK[:, :, :seen]))
+  return jnp.swapaxes(jnp.concatenate(out, axis=2), 1, 2)
+
+
 # ----------------------------------------------------------------------------- chunked
 
 
@@ -113,11 +152,15 @@ def chunked(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, *, causal: bool, block_q: int,
   """Blockwise attention with an online softmax and a recomputing custom VJP (see the module
   docstring). Blocks larger than L are shrunk to L; L is padded up to a multiple of each block."""
   for field, block in (('attention_block_q', block_q), ('attention_block_kv', block_kv)):
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-      raise ValueError(f'model.{field} must be a positive integer, got {block!r}')
+    _check_block(field, block)
   length = q_BxLxHxK.shape[1]
   block_q, block_kv = min(block_q, length), min(block_kv, length)
   return _chunked(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal, block_q, block_kv)
+
+
+def _check_block(field: str, block) -> None:
+  if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+    raise ValueError(f'model.{field} must be a positive integer, got {block!r}')
 
 
 def _pad_to(x_BxLxHxK: jax.Array, length: int) -> jax.Array:
@@ -322,8 +365,6 @@ def validate(config) -> None:
   if config.attention == 'cudnn' and config.dtype != 'bfloat16':
     raise ValueError(f"model.attention='cudnn' needs model.dtype='bfloat16', got "
                      f'{config.dtype!r}')
-  for field in ('attention_block_q', 'attention_block_kv'):
-    value = config[field]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f'model.{field} must be a positive integer, got {value!r}')
+  for field in ('attention_block_q', 'attention_block_kv', 'attention_block_rows'):
+    _check_block(field, config[field])
 

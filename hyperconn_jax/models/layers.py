@@ -135,7 +135,8 @@ class Attention(nnx.Module):
     self.rope_theta = config.rope_theta
     self.causal = causal
     self.implementation = config.attention
-    self.blocks = (config.attention_block_q, config.attention_block_kv)
+    self.blocks = dict(block_q=config.attention_block_q, block_kv=config.attention_block_kv,
+                       block_rows=config.attention_block_rows)
     in_axes = ('embed', 'heads', 'kv')
     self.q = nnx.Param(init_weight(config, rngs, (d, h, k), fan_in=d), out_sharding=in_axes)
     self.k = nnx.Param(init_weight(config, rngs, (d, h, k), fan_in=d), out_sharding=in_axes)
@@ -159,8 +160,7 @@ class Attention(nnx.Module):
       k_BxLxHxK = rope(k_BxLxHxK, self.rope_theta)
     out_BxLxHxK = attention.attend(
         q_BxLxHxK.astype(self.dtype), k_BxLxHxK.astype(self.dtype), v_BxLxHxK,
-        causal=self.causal, implementation=self.implementation, block_q=self.blocks[0],
-        block_kv=self.blocks[1])
+        causal=self.causal, implementation=self.implementation, **self.blocks)
     return project(out_BxLxHxK, self.o[...].astype(self.dtype), in_axes=2)
 
 
