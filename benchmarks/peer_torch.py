@@ -309,7 +309,8 @@ def markdown(result: dict) -> str:
   lines = [f"Train step (forward, backward, clipping, AdamW), fp32, {a['layers']} layers x batch "
            f"{a['batch']} x sequence {a['seq']}; median of {a['steps']} interleaved rounds after "
            f"{a['warmup']} warm-up steps, {a['pause']} s idle before each; ratios are medians "
-           f"over rounds of the ratio within a round. JAX with train.host_malloc={result['host_malloc']!r}, as train.py runs; "
+           f"over rounds of the ratio within a round. JAX with "
+           f"train.host_malloc={result['host_malloc']!r}, as train.py runs; "
            'PyTorch in its own process with glibc malloc as it comes'
            + (' (and, in the last two columns, with malloc reuse like ours).' if reuse else '.'),
            '', '| d | JAX residual s | PyTorch residual s | JAX / PyTorch | JAX DHC x4 tok/s | '
