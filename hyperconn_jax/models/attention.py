@@ -6,8 +6,8 @@
 - 'rows': dense attention in blocks of `block_rows` query rows, each block over only the keys it
   can see (causal: its prefix), so the fully masked tiles above the diagonal are never computed:
   (1 + 1 / blocks) / 2 of the dense work and score memory; backward by autodiff (probabilities
-  saved). Exact like 'xla'; twice as fast as 'xla' or a single-tile 'chunked' on CPU at
-  L = 256-512 with 64-row blocks, where XLA:CPU's batched matmuls are slow and short.
+  saved). Exact like 'xla'; with 64-row blocks 1.4-2x faster than 'xla' or a single-tile
+  'chunked' on CPU at L = 256-512 (docs/performance.md).
 - 'chunked': blockwise attention with an online softmax in plain JAX (any backend). A custom VJP
   recomputes the scores block by block in the backward pass (flash-attention style), so forward
   and backward keep only [B, H, block_q, block_kv] scores alive and memory grows linearly in L.
