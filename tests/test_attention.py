@@ -1,7 +1,7 @@
 """Tests of the attention implementations (models/attention.py): rows, chunked and splash equal
 the dense reference in values and gradients, rows skips the masked tiles, chunked memory grows
-linearly in L, splash compiles for a TPU
-topology (libtpu, no TPU needed), and every implementation that cannot run fails clearly."""
+linearly in L, splash compiles for a TPU topology (libtpu, no TPU needed), and every
+implementation that cannot run fails clearly."""
 
 import jax
 import jax.numpy as jnp
