@@ -26,6 +26,12 @@ def value_and_grads(fn, q, k, v, g):
       lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * g), argnums=(0, 1, 2)))(q, k, v)
 
 
+def compiled_grad(fn, shape):
+  """The compiled gradient of sum(fn(q, k, v)) in q, k, v, all of `shape` (a ShapeDtypeStruct)."""
+  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
+  return grad.lower(shape, shape, shape).compile()
+
+
 def assert_close(got, want, tol):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -59,8 +65,7 @@ def test_rows_skips_the_masked_tiles():
   shape = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.float32)
 
   def flops(fn):
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
-    return grad.lower(shape, shape, shape).compile().cost_analysis()['flops']
+    return compiled_grad(fn, shape).cost_analysis()['flops']
 
   ratio = (flops(lambda q, k, v: attention.rows(q, k, v, causal=True, block_rows=64))
            / flops(lambda q, k, v: attention.xla(q, k, v, causal=True)))
@@ -77,9 +82,8 @@ def test_chunked_equals_xla_bfloat16():
 
 
 def attention_grad_temp_bytes(fn, length):
-  shape = jax.ShapeDtypeStruct((1, length, 2, 64), jnp.float32)
-  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
-  return grad.lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes
+  compiled = compiled_grad(fn, jax.ShapeDtypeStruct((1, length, 2, 64), jnp.float32))
+  return compiled.memory_analysis().temp_size_in_bytes
 
 
 def test_chunked_memory_is_linear_in_length():
