@@ -21,6 +21,11 @@ train.py applies it; PyTorch runs in a process of its own, driven from this one,
 malloc as PyTorch users get it ('system'), and with --torch_malloc containing 'reuse' also in a
 second process with our malloc setting (which speeds it up too).
 
+After each width's steps (--gemm_only: instead of them) come two tables of single products, both
+libraries in this process: one layer's dense GEMMs (a jitted jnp.dot against torch.matmul), and
+attention's per-head batched matmuls (a jitted jnp.matmul against torch.bmm with its threads and
+with one), with the cores each keeps busy.
+
   pip install --no-deps -r benchmarks/requirements-peer.txt
   python benchmarks/peer_torch.py --out=runs/peer_torch.json --markdown=runs/peer_torch.md
 
@@ -266,33 +271,83 @@ def gemm_shapes(d: int, tokens: int) -> list[tuple[int, int, int]]:
           (tokens, d, d), (tokens, d, d), (d, tokens, d)]   # q, k, v or o
 
 
+def _time_calls(calls: dict, args) -> dict:
+  """Each of `calls` ({name: function}) args.gemm_rounds times, interleaved, after args.pause s
+  idle each: {name: (median seconds, cores)}. cores: process CPU time / wall time over 0.5 s of
+  back-to-back calls (2.0: both cores of this machine busy; the process CPU clock counts other
+  threads' time only every few milliseconds, so one short call cannot tell)."""
+  seconds = {name: [] for name in calls}
+  for call in calls.values():  # Compiled and warm before timing.
+    call()
+  for _ in range(args.gemm_rounds):
+    for name, call in calls.items():
+      time.sleep(args.pause)
+      start = time.perf_counter()
+      call()
+      seconds[name].append(time.perf_counter() - start)
+  cores = {}
+  for name, call in calls.items():
+    time.sleep(args.pause)
+    cpu, start = time.process_time(), time.perf_counter()
+    while time.perf_counter() - start < 0.5:
+      call()
+    cores[name] = (time.process_time() - cpu) / (time.perf_counter() - start)
+  return {name: (float(np.median(seconds[name])), cores[name]) for name in calls}
+
+
 def time_gemms(d: int, args) -> dict:
   """The fp32 GEMMs of gemm_shapes, XLA:CPU (a jitted jnp.dot) against torch.matmul, both in
   this process (the same allocator), interleaved; summed medians over args.gemm_rounds."""
   xla_s = torch_s = flops = 0.0
   rng = np.random.default_rng(0)
+  dot = jax.jit(jnp.dot)
   for m, k, n in gemm_shapes(d, args.batch * args.seq):
     a = rng.standard_normal((m, k), np.float32)
     b = rng.standard_normal((k, n), np.float32)
-    xla_a, xla_b, dot = jnp.asarray(a), jnp.asarray(b), jax.jit(jnp.dot)
+    xla_a, xla_b = jnp.asarray(a), jnp.asarray(b)
     torch_a, torch_b = torch.from_numpy(a), torch.from_numpy(b)
-    dot(xla_a, xla_b).block_until_ready()
-    torch.matmul(torch_a, torch_b)
-    times = {'xla': [], 'torch': []}
-    for _ in range(args.gemm_rounds):
-      time.sleep(args.pause)
-      start = time.perf_counter()
-      dot(xla_a, xla_b).block_until_ready()
-      times['xla'].append(time.perf_counter() - start)
-      time.sleep(args.pause)
-      start = time.perf_counter()
-      torch.matmul(torch_a, torch_b)
-      times['torch'].append(time.perf_counter() - start)
-    xla_s += float(np.median(times['xla']))
-    torch_s += float(np.median(times['torch']))
+    timed = _time_calls({'xla': lambda: dot(xla_a, xla_b).block_until_ready(),
+                         'torch': lambda: torch.matmul(torch_a, torch_b)}, args)
+    xla_s += timed['xla'][0]
+    torch_s += timed['torch'][0]
     flops += 2.0 * m * k * n
   return {'d': d, 'xla_s': xla_s, 'torch_s': torch_s, 'xla_gflops': flops / xla_s / 1e9,
           'torch_gflops': flops / torch_s / 1e9, 'xla_over_torch': xla_s / torch_s}
+
+
+def head_products(d: int, batch: int, seq: int) -> list[tuple[str, tuple, tuple]]:
+  """(name, lhs shape, rhs shape) of dense causal attention's per-head batched matmuls in the
+  forward pass (batch x heads products each): scores q k^T and the output p v."""
+  heads, head_dim = max(1, d // 64), min(64, d)
+  n = batch * heads
+  return [('q k^T', (n, seq, head_dim), (n, head_dim, seq)),
+          ('p v', (n, seq, seq), (n, seq, head_dim))]
+
+
+def time_head_products(d: int, args) -> list[dict]:
+  """Attention's per-head products (head_products) as batched matmuls: XLA:CPU (a jitted
+  jnp.matmul) against torch.bmm with its threads and with one thread; median time and cores of
+  each (see _time_calls)."""
+  rows = []
+  rng = np.random.default_rng(0)
+  matmul = jax.jit(jnp.matmul)
+  threads = torch.get_num_threads()
+  for name, lhs, rhs in head_products(d, args.batch, args.seq):
+    a, b = rng.standard_normal(lhs, np.float32), rng.standard_normal(rhs, np.float32)
+    xla_a, xla_b = jnp.asarray(a), jnp.asarray(b)
+    torch_a, torch_b = torch.from_numpy(a), torch.from_numpy(b)
+    timed = _time_calls({'xla': lambda: matmul(xla_a, xla_b).block_until_ready(),
+                         'torch': lambda: torch.bmm(torch_a, torch_b)}, args)
+    torch.set_num_threads(1)
+    try:
+      timed['torch_1_thread'] = _time_calls({'t': lambda: torch.bmm(torch_a, torch_b)}, args)['t']
+    finally:
+      torch.set_num_threads(threads)
+    gflop = 2.0 * math.prod(lhs) * rhs[-1] / 1e9
+    rows.append({'d': d, 'product': name, 'lhs': lhs, 'rhs': rhs, 'gflop': gflop,
+                 **{f'{impl}_s': s for impl, (s, _) in timed.items()},
+                 **{f'{impl}_cores': c for impl, (_, c) in timed.items()}})
+  return rows
 
 
 def _torch_name(model: str, malloc: str) -> str:
@@ -341,6 +396,18 @@ def markdown(result: dict) -> str:
     lines += [f"| {g['d']} | {1e3 * g['xla_s']:.1f} | {g['xla_gflops']:.0f} | "
               f"{1e3 * g['torch_s']:.1f} | {g['torch_gflops']:.0f} | {g['xla_over_torch']:.2f} |"
               for g in result['gemms']]
+  if result.get('heads'):
+    lines += ['', f"Attention's per-head products (batch x heads batched matmuls, forward; cores: "
+              "process CPU time / wall time over 0.5 s of back-to-back calls), median of "
+              f"{a['gemm_rounds']} interleaved calls each, both in this process:",
+              '', '| d | product | shapes | XLA:CPU ms | cores | torch.bmm ms | cores | '
+              'torch.bmm 1 thread ms | XLA / torch |',
+              '|---:|:---|:---|---:|---:|---:|---:|---:|---:|']
+    lines += [f"| {h['d']} | {h['product']} | {'x'.join(map(str, h['lhs']))} @ "
+              f"{'x'.join(map(str, h['rhs'][1:]))} | {1e3 * h['xla_s']:.2f} | "
+              f"{h['xla_cores']:.2f} | {1e3 * h['torch_s']:.2f} | {h['torch_cores']:.2f} | "
+              f"{1e3 * h['torch_1_thread_s']:.2f} | {h['xla_s'] / h['torch_s']:.2f} |"
+              for h in result['heads']]
   return '\n'.join(lines) + '\n'
 
 
@@ -356,8 +423,10 @@ def main(argv=None):
                  help='seconds of idle before each timed step or GEMM call, so that the '
                  "previous one's spinning worker threads (OpenMP's, XLA's) have gone to sleep")
   p.add_argument('--gemm_rounds', type=int, default=15,
-                 help='calls per GEMM in the XLA vs torch.matmul table (0: no table)')
-  p.add_argument('--gemm_only', action='store_true', help='only the GEMM table')
+                 help='calls per product in the XLA vs torch GEMM and per-head product '
+                 'tables (0: no tables)')
+  p.add_argument('--gemm_only', action='store_true',
+                 help='only the GEMM and per-head product tables')
   p.add_argument('--torch_malloc', default='system,reuse',
                  help="PyTorch processes, one per malloc mode: 'system' (as PyTorch runs; "
                  "required, the targets' reference) and optionally 'reuse' (ours)")
@@ -375,13 +444,14 @@ def main(argv=None):
   result = {'args': vars(args), 'machine': bench.machine(), 'host_malloc': applied,
             'torch': torch.__version__, 'torch_threads': torch.get_num_threads(),
             'hyper_connections': importlib.metadata.version('hyper-connections'), 'rows': [],
-            'gemms': []}
+            'gemms': [], 'heads': []}
   for d in [int(x) for x in args.d.split(',')]:
     if not args.gemm_only:
       result['rows'] += time_width(d, args, torch_processes)
     # After the steps: at the first width, the PyTorch processes are still starting up before.
     if args.gemm_rounds:
       result['gemms'].append(time_gemms(d, args))
+      result['heads'] += time_head_products(d, args)
     result['machine']['load_average_end'] = list(os.getloadavg())
     table = markdown(result)
     print(table, flush=True)
