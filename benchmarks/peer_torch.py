@@ -60,6 +60,11 @@ from hyperconn_jax import host_malloc
 HC_RATE = 4
 
 
+def heads_of(d: int) -> tuple[int, int]:
+  """(heads, head_dim) at width d, as bench.make_config sets them: heads of 64 channels."""
+  return max(1, d // 64), min(64, d)
+
+
 class Rope(nn.Module):
   """Rotate-half RoPE over [B, H, L, K] (as hyperconn_jax.models.layers.rope)."""
 
@@ -115,7 +120,7 @@ class Decoder(nn.Module):
 
   def __init__(self, *, d: int, layers: int, seq: int, hc_rate: int = 0, vocab: int = 256):
     super().__init__()
-    heads, head_dim = max(1, d // 64), min(64, d)
+    heads, head_dim = heads_of(d)
     rope = Rope(seq, head_dim)
     self.embed = nn.Embedding(vocab, d)
     nn.init.normal_(self.embed.weight, std=0.02)
@@ -271,11 +276,12 @@ def gemm_shapes(d: int, tokens: int) -> list[tuple[int, int, int]]:
           (tokens, d, d), (tokens, d, d), (d, tokens, d)]   # q, k, v or o
 
 
-def _time_calls(calls: dict, args) -> dict:
+def _time_calls(calls: dict, args, cores: bool = False) -> dict:
   """Each of `calls` ({name: function}) args.gemm_rounds times, interleaved, after args.pause s
-  idle each: {name: (median seconds, cores)}. cores: process CPU time / wall time over 0.5 s of
-  back-to-back calls (2.0: both cores of this machine busy; the process CPU clock counts other
-  threads' time only every few milliseconds, so one short call cannot tell)."""
+  idle each: {name: median seconds}, or with `cores` {name: (median seconds, cores)}, cores being
+  process CPU time / wall time over 0.5 s of back-to-back calls (2.0: both cores of this machine
+  busy; the process CPU clock counts other threads' time only every few milliseconds, so one
+  short call cannot tell)."""
   seconds = {name: [] for name in calls}
   for call in calls.values():  # Compiled and warm before timing.
     call()
@@ -285,14 +291,17 @@ def _time_calls(calls: dict, args) -> dict:
       start = time.perf_counter()
       call()
       seconds[name].append(time.perf_counter() - start)
-  cores = {}
+  medians = {name: float(np.median(seconds[name])) for name in calls}
+  if not cores:
+    return medians
+  busy = {}
   for name, call in calls.items():
     time.sleep(args.pause)
     cpu, start = time.process_time(), time.perf_counter()
     while time.perf_counter() - start < 0.5:
       call()
-    cores[name] = (time.process_time() - cpu) / (time.perf_counter() - start)
-  return {name: (float(np.median(seconds[name])), cores[name]) for name in calls}
+    busy[name] = (time.process_time() - cpu) / (time.perf_counter() - start)
+  return {name: (medians[name], busy[name]) for name in calls}
 
 
 def time_gemms(d: int, args) -> dict:
@@ -308,8 +317,8 @@ def time_gemms(d: int, args) -> dict:
     torch_a, torch_b = torch.from_numpy(a), torch.from_numpy(b)
     timed = _time_calls({'xla': lambda: dot(xla_a, xla_b).block_until_ready(),
                          'torch': lambda: torch.matmul(torch_a, torch_b)}, args)
-    xla_s += timed['xla'][0]
-    torch_s += timed['torch'][0]
+    xla_s += timed['xla']
+    torch_s += timed['torch']
     flops += 2.0 * m * k * n
   return {'d': d, 'xla_s': xla_s, 'torch_s': torch_s, 'xla_gflops': flops / xla_s / 1e9,
           'torch_gflops': flops / torch_s / 1e9, 'xla_over_torch': xla_s / torch_s}
@@ -318,7 +327,7 @@ def time_gemms(d: int, args) -> dict:
 def head_products(d: int, batch: int, seq: int) -> list[tuple[str, tuple, tuple]]:
   """(name, lhs shape, rhs shape) of dense causal attention's per-head batched matmuls in the
   forward pass (batch x heads products each): scores q k^T and the output p v."""
-  heads, head_dim = max(1, d // 64), min(64, d)
+  heads, head_dim = heads_of(d)
   n = batch * heads
   return [('q k^T', (n, seq, head_dim), (n, head_dim, seq)),
           ('p v', (n, seq, seq), (n, seq, head_dim))]
@@ -337,10 +346,11 @@ def time_head_products(d: int, args) -> list[dict]:
     xla_a, xla_b = jnp.asarray(a), jnp.asarray(b)
     torch_a, torch_b = torch.from_numpy(a), torch.from_numpy(b)
     timed = _time_calls({'xla': lambda: matmul(xla_a, xla_b).block_until_ready(),
-                         'torch': lambda: torch.bmm(torch_a, torch_b)}, args)
+                         'torch': lambda: torch.bmm(torch_a, torch_b)}, args, cores=True)
     torch.set_num_threads(1)
     try:
-      timed['torch_1_thread'] = _time_calls({'t': lambda: torch.bmm(torch_a, torch_b)}, args)['t']
+      timed['torch_1_thread'] = _time_calls({'t': lambda: torch.bmm(torch_a, torch_b)}, args,
+                                            cores=True)['t']
     finally:
       torch.set_num_threads(threads)
     gflop = 2.0 * math.prod(lhs) * rhs[-1] / 1e9
