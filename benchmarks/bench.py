@@ -92,14 +92,20 @@ def _value(text: str, rate: int):
     return text  # A string option, e.g. reduce=head.
 
 
+def heads_of(d: int) -> tuple[int, int]:
+  """(heads, head_dim) of the benchmarked models at width d: heads of 64 channels."""
+  return max(1, d // 64), min(64, d)
+
+
 def make_config(variant: Variant, *, d: int, layers: int, seq: int, batch: int,
                 remat_policy: str):
   """The full config of one benchmarked model (heads of 64 channels, SwiGLU 4d, byte vocabulary).
 
   A kind whose embedding is wider than d (vwn) gets an untied unembedding."""
   c = base.get_config()
-  c.model.update(dict(vocab_size=256, d_model=d, num_layers=layers, num_heads=max(1, d // 64),
-                      head_dim=min(64, d), mlp_dim=4 * d, dtype='float32',
+  heads, head_dim = heads_of(d)
+  c.model.update(dict(vocab_size=256, d_model=d, num_layers=layers, num_heads=heads,
+                      head_dim=head_dim, mlp_dim=4 * d, dtype='float32',
                       param_dtype='float32', scan_layers=True, remat_policy=remat_policy))
   conn = c.model.connection
   conn.kind = variant.kind

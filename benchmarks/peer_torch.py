@@ -60,11 +60,6 @@ from hyperconn_jax import host_malloc
 HC_RATE = 4
 
 
-def heads_of(d: int) -> tuple[int, int]:
-  """(heads, head_dim) at width d, as bench.make_config sets them: heads of 64 channels."""
-  return max(1, d // 64), min(64, d)
-
-
 class Rope(nn.Module):
   """Rotate-half RoPE over [B, H, L, K] (as hyperconn_jax.models.layers.rope)."""
 
@@ -120,7 +115,7 @@ class Decoder(nn.Module):
 
   def __init__(self, *, d: int, layers: int, seq: int, hc_rate: int = 0, vocab: int = 256):
     super().__init__()
-    heads, head_dim = heads_of(d)
+    heads, head_dim = bench.heads_of(d)
     rope = Rope(seq, head_dim)
     self.embed = nn.Embedding(vocab, d)
     nn.init.normal_(self.embed.weight, std=0.02)
@@ -327,7 +322,7 @@ def time_gemms(d: int, args) -> dict:
 def head_products(d: int, batch: int, seq: int) -> list[tuple[str, tuple, tuple]]:
   """(name, lhs shape, rhs shape) of dense causal attention's per-head batched matmuls in the
   forward pass (batch x heads products each): scores q k^T and the output p v."""
-  heads, head_dim = heads_of(d)
+  heads, head_dim = bench.heads_of(d)
   n = batch * heads
   return [('q k^T', (n, seq, head_dim), (n, head_dim, seq)),
           ('p v', (n, seq, seq), (n, seq, head_dim))]
