@@ -185,10 +185,14 @@ def finalized_steps(workdir) -> list[int]:
   a local disk; on a bucket it writes the commit marker last)."""
   forget_listings(workdir)
   directory = paths.as_path(workdir) / 'checkpoints'
-  if not directory.is_dir():
+  try:
+    entries = list(directory.iterdir())
+  except FileNotFoundError:
+    # Not created yet; or, in a bucket, the prefix vanished with its only object (the run's
+    # write probe, rundir.ensure_writable) between listing and reading it.
     return []
   remote = paths.is_remote(workdir)
-  return sorted(int(p.name) for p in directory.iterdir()
+  return sorted(int(p.name) for p in entries
                 if p.name.isdigit() and (not remote or (p / 'commit_success.txt').exists()))
 
 
