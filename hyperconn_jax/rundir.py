@@ -231,6 +231,9 @@ def ensure_shared(workdir: str, run_id: int | None = None) -> None:
   seen_by = multihost_utils.process_allgather(np.asarray(seen, np.int32))
   if jax.process_index() == 0:
     token.unlink()
+  # In a bucket the token may be the only object under checkpoints/, whose "directory" then
+  # vanishes: no process may list it (orbax's exists-then-iterdir) until the removal is done.
+  multihost_utils.sync_global_devices('hyperconn_jax_shared_workdir_token_removed')
   missing = [int(p) for p in np.flatnonzero(np.asarray(seen_by) == 0)]
   if missing:
     raise ValueError(
