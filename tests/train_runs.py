@@ -188,8 +188,8 @@ def finalized_steps(workdir) -> list[int]:
   try:
     entries = list(directory.iterdir())
   except FileNotFoundError:
-    # Not created yet; or, in a bucket, the prefix vanished with its only object (the run's
-    # write probe, rundir.ensure_writable) between listing and reading it.
+    # Not created yet; or, in a bucket, gone again with its only object (the run's write
+    # probe, rundir.ensure_writable): one listing, as an exists() check before it could race.
     return []
   remote = paths.is_remote(workdir)
   return sorted(int(p.name) for p in entries
